@@ -1,0 +1,238 @@
+"""Checkpoint I/O: both public DETR layouts in, one layout out.
+
+* original (``detr-r50-e632da11.pth``): ``{"model": state_dict, ...}`` or a bare state dict with
+  keys such as ``backbone.0.body.layer1.0.conv1.weight`` and packed ``in_proj_weight``;
+* hub (``facebook/detr-resnet-50`` ``model.safetensors``): ``model.backbone.conv_encoder.model.*``,
+  separate ``q_proj/k_proj/v_proj``, ``class_labels_classifier.*``, ``bbox_predictor.*``.
+
+Both are mapped onto :class:`detr.model.DETR`'s names, which follow the original layout.
+Nothing is unpickled beyond tensors and plain containers (``weights_only``), and every name
+and shape is checked. Checkpoints written by :func:`save_pretrained` are in the original
+layout plus ``config`` and ``categories``, so fine-tuned weights carry their class table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors
+from torch import Tensor
+
+from .categories import COCO_CATEGORIES, Category, categories_from_list, categories_to_list
+from .config import DetrConfig
+from .download import is_dilated, local_path
+from .model import DETR
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# Hub name pieces -> ours, applied in order to every key (after the per-layer renames below).
+_HUB_RENAMES = (
+    (r"^model\.backbone\.(conv_encoder\.)?model\.", "backbone.body."),
+    (r"^model\.input_projection\.", "input_proj."),
+    (r"^model\.query_position_embeddings\.", "query_embed."),
+    (r"^model\.(encoder|decoder)\.layers\.", r"transformer.\1.layers."),
+    (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
+    (r"^class_labels_classifier\.", "class_embed."),
+    (r"^bbox_predictor\.", "bbox_embed."),
+    (r"\.o_proj\.", ".out_proj."),
+    (r"\.(mlp\.)?fc1\.", ".linear1."),
+    (r"\.(mlp\.)?fc2\.", ".linear2."),
+    (r"\.encoder_attn\.", ".multihead_attn."),
+)
+_HUB_NORMS = {
+    "encoder": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"},
+    "decoder": {"self_attn_layer_norm": "norm1", "encoder_attn_layer_norm": "norm2", "final_layer_norm": "norm3"},
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the keys or shapes at fault."""
+
+
+def read_state(source: str) -> tuple[dict[str, Tensor], dict]:
+    """Load a checkpoint file into ``(state_dict, extras)`` without executing pickled code.
+
+    ``extras`` holds ``config`` / ``categories`` when the file carries them.
+    """
+    path = local_path(source)
+    data = Path(path).read_bytes()
+    if path.suffix == ".safetensors" or data[:1] == b"{" or _looks_like_safetensors(data):
+        return dict(load_safetensors(data)), {}
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - report which file and why in one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{source}: not a loadable DETR checkpoint ({first})") from None
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        extras = {k: obj[k] for k in ("config", "categories") if k in obj}
+        return dict(obj["model"]), extras
+    if isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values()):
+        return dict(obj), {}
+    raise CheckpointError(f"{source}: expected a state dict or a dict with a 'model' state dict")
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    # 8-byte little-endian header length followed by a JSON header.
+    return len(data) > 9 and data[8:9] == b"{"
+
+
+def to_detr_layout(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Map either public layout onto :class:`DETR`'s parameter names."""
+    state = {_strip_wrappers(k): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    if any(k.startswith(("model.backbone.", "class_labels_classifier.")) for k in state):
+        return _from_hub(state)
+    return {re.sub(r"^backbone\.0\.body\.", "backbone.body.", k): v for k, v in state.items()}
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def _from_hub(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    renamed: dict[str, Tensor] = {}
+    for key, value in state.items():
+        match = re.match(r"^model\.(encoder|decoder)\.layers\.\d+\.([a-z_]+_layer_norm)\.", key)
+        if match and match.group(2) in _HUB_NORMS[match.group(1)]:
+            key = key.replace(f".{match.group(2)}.", f".{_HUB_NORMS[match.group(1)][match.group(2)]}.")
+        for pattern, replacement in _HUB_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return _pack_in_proj(renamed)
+
+
+def _pack_in_proj(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Concatenate separate q/k/v projections into DETR's packed ``in_proj`` ([3C, C] / [3C])."""
+    packed = dict(state)
+    for key in [k for k in state if re.search(r"\.q_proj\.(weight|bias)$", k)]:
+        stem, kind = key.rsplit(".q_proj.", 1)
+        parts = [f"{stem}.{p}_proj.{kind}" for p in ("q", "k", "v")]
+        if all(p in state for p in parts):
+            packed[f"{stem}.in_proj_{kind}"] = torch.cat([state[p] for p in parts])
+            for p in parts:
+                del packed[p]
+    return packed
+
+
+def infer_config(state: Mapping[str, Tensor], *, dilation: bool = False) -> DetrConfig:
+    """Read the architecture off a state dict in :class:`DETR`'s layout."""
+    try:
+        layer3_blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.body\.layer3\.(\d+)\.", k))}
+        enc = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.encoder\.layers\.(\d+)\.", k))}
+        dec = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.decoder\.layers\.(\d+)\.", k))}
+        bottleneck = "backbone.body.layer1.0.conv3.weight" in state
+        backbone = {(6, True): "resnet50", (23, True): "resnet101", (6, False): "resnet34", (2, False): "resnet18"}[
+            (len(layer3_blocks), bottleneck)
+        ]
+        hidden = state["query_embed.weight"].shape[1]
+        return DetrConfig(
+            backbone=backbone,
+            dilation=dilation,
+            hidden_dim=hidden,
+            num_heads=DetrConfig.num_heads,
+            num_encoder_layers=len(enc),
+            num_decoder_layers=len(dec),
+            dim_feedforward=state["transformer.decoder.layers.0.linear1.weight"].shape[0],
+            num_queries=state["query_embed.weight"].shape[0],
+            num_classes=state["class_embed.weight"].shape[0] - 1,
+        )
+    except (KeyError, IndexError, ValueError) as error:
+        raise CheckpointError(f"not a DETR checkpoint: cannot read its architecture ({error})") from None
+
+
+def load_detr_state(model: DETR, state: Mapping[str, Tensor], *, skip_prefixes: Sequence[str] = ()) -> None:
+    """Copy ``state`` into ``model`` after checking every name and shape.
+
+    Args:
+        skip_prefixes: parameters the caller re-initializes on purpose (a new class head).
+    """
+    skip = tuple(skip_prefixes)
+    expected = {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
+    given = {k: v for k, v in state.items() if not (skip and k.startswith(skip))}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not match the model: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    wrong = [f"{k}: {tuple(given[k].shape)} vs expected {tuple(v.shape)}" for k, v in expected.items() if given[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"checkpoint shapes do not match the model: {wrong[:5]}")
+    model.load_state_dict(given, strict=not skip_prefixes)
+
+
+def from_pretrained(
+    source: str, *, num_classes: int | None = None, categories: Sequence[Category] | None = None,
+    dilation: bool | None = None,
+) -> DETR:
+    """A DETR in eval mode with the weights ``source`` names.
+
+    Args:
+        source: a short name (``detr-r50``, ``detr-r50-dc5``, ``detr-r101``), ``hf://facebook/detr-resnet-50``,
+            a local path or any fsspec URL to a checkpoint in either public layout or one written by
+            :func:`save_pretrained`.
+        num_classes: when it differs from the checkpoint's, everything but the class head is loaded
+            and the class head is freshly initialized (the fine-tuning path).
+        categories: class table for a new head (defaults to generic names).
+        dilation: DC5 variant; by default read from the checkpoint's config or the source's name.
+    """
+    state, extras = read_state(source)
+    state = to_detr_layout(state)
+    if "config" in extras:
+        config = DetrConfig.from_dict(extras["config"])
+    else:
+        config = infer_config(state, dilation=is_dilated(source) if dilation is None else dilation)
+    stored_categories = categories_from_list(extras["categories"]) if "categories" in extras else None
+    new_head = num_classes is not None and num_classes != config.num_classes
+    if dilation is not None or new_head:
+        values = config.to_dict() | ({"dilation": dilation} if dilation is not None else {})
+        config = DetrConfig.from_dict(values | ({"num_classes": num_classes} if new_head else {}))
+    model = DETR(config, categories if new_head else (stored_categories or categories))
+    load_detr_state(model, state, skip_prefixes=("class_embed.",) if new_head else ())
+    model.weights_name = f"{Path(source.rstrip('/')).name}@{_content_hash(state)}"
+    return model.eval()
+
+
+def save_pretrained(model: DETR, destination: str) -> None:
+    """Write ``model`` to ``destination`` (any fsspec URL) in the original layout, with its
+    config and category table, loadable by :func:`from_pretrained`."""
+    payload = {
+        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        "config": _unwrap(model).config.to_dict(),
+        "categories": categories_to_list(_unwrap(model).categories),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with fsspec.open(destination, "wb") as f:
+        f.write(buffer.getvalue())
+
+
+def _unwrap(model: torch.nn.Module) -> DETR:
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def _content_hash(state: Mapping[str, Tensor]) -> str:
+    """A short hash of the weights (names and a sample of values): identifies which weights made a row."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().flatten()
+        digest.update(key.encode())
+        digest.update(tensor[:: max(1, tensor.numel() // 64)].float().numpy().tobytes())
+    return digest.hexdigest()[:8]
+
+
+__all__ = ["from_pretrained", "save_pretrained", "read_state", "to_detr_layout", "CheckpointError", "COCO_CATEGORIES"]

@@ -1,0 +1,104 @@
+"""Resolving a weights ``source`` to a local file: short names, fsspec URLs, an on-disk cache.
+
+Remote files are downloaded once into the cache (``$DETR_RAY_CACHE``, default
+``~/.cache/detr-ray``), written atomically, and verified: the official DETR file names carry
+the first 8 hex digits of their SHA-256, and a download is rejected when they disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+_FB = "https://dl.fbaipublicfiles.com/detr"
+_HUB = "https://huggingface.co/{repo}/resolve/main/model.safetensors"
+
+
+@dataclass(frozen=True)
+class KnownWeights:
+    url: str
+    dilation: bool  # DC5 variant: cannot be read off the weights, so the name carries it
+
+
+SHORT_NAMES: dict[str, KnownWeights] = {
+    "detr-r50": KnownWeights(f"{_FB}/detr-r50-e632da11.pth", False),
+    "detr-r50-dc5": KnownWeights(f"{_FB}/detr-r50-dc5-f0fb7ef5.pth", True),
+    "detr-r101": KnownWeights(f"{_FB}/detr-r101-2c7b67e5.pth", False),
+    "detr-r101-dc5": KnownWeights(f"{_FB}/detr-r101-dc5-a2e86def.pth", True),
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The weights could not be found, downloaded or verified."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DETR_RAY_CACHE", Path.home() / ".cache" / "detr-ray"))
+
+
+def resolve_url(source: str) -> str:
+    """Short names and ``hf://org/repo`` to download URLs; anything else is returned as is."""
+    if source in SHORT_NAMES:
+        return SHORT_NAMES[source].url
+    if source.startswith("hf://"):
+        return _HUB.format(repo=source[len("hf://"):].strip("/"))
+    if "://" not in source and not Path(source).exists() and re.fullmatch(r"detr-[\w-]+", source):
+        raise ValueError(f"unknown weights name {source!r}; known names: {sorted(SHORT_NAMES)} or hf://ORG/REPO")
+    return source
+
+
+def is_dilated(source: str) -> bool:
+    """Whether a source names a DC5 model (``detr-r50-dc5``, ``...-dc5-....pth``)."""
+    return "dc5" in Path(source.rstrip("/")).name.lower()
+
+
+def local_path(source: str) -> Path:
+    """A local file holding the weights ``source`` names, downloading into the cache if needed."""
+    url = resolve_url(source)
+    protocol, path = fsspec.core.split_protocol(url)
+    if protocol in (None, "file", "local"):
+        local = Path(path)
+        if not local.is_file():
+            raise WeightsUnavailableError(f"weights file not found: {local}")
+        return local
+    cached = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(path).name
+    if not cached.is_file():
+        _download(url, cached)
+    return cached
+
+
+def expected_sha256_prefix(url: str) -> str | None:
+    """The hash prefix official file names carry (``detr-r50-e632da11.pth`` -> ``e632da11``)."""
+    match = re.search(r"-([0-9a-f]{8,})\.pth$", url)
+    return match.group(1) if match else None
+
+
+def _download(url: str, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=destination.parent, delete=False) as tmp:
+        try:
+            with fsspec.open(url, "rb") as remote:
+                while chunk := remote.read(1 << 22):
+                    digest.update(chunk)
+                    tmp.write(chunk)
+        except Exception as error:  # noqa: BLE001 - any failure means "not available", say why
+            os.unlink(tmp.name)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise WeightsUnavailableError(
+                f"cannot download weights from {url} ({reason}); when offline, download it elsewhere "
+                f"and pass the local file (e.g. --weights /path/to/{Path(url).name}) or put it at {destination}"
+            ) from None
+    prefix = expected_sha256_prefix(url)
+    if prefix and not digest.hexdigest().startswith(prefix):
+        os.unlink(tmp.name)
+        raise WeightsUnavailableError(
+            f"checksum mismatch for {url}: sha256 {digest.hexdigest()[:12]}..., expected {prefix}..."
+        )
+    os.replace(tmp.name, destination)
