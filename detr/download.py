@@ -84,13 +84,15 @@ def _download(url: str, destination: Path) -> None:
     digest = hashlib.sha256()
     with tempfile.NamedTemporaryFile(dir=destination.parent, delete=False) as tmp:
         try:
-            with fsspec.open(url, "rb") as remote:
+            # Streaming (block_size=0) for HTTP: many servers do not support range requests.
+            options = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
+            with fsspec.open(url, "rb", **options) as remote:
                 while chunk := remote.read(1 << 22):
                     digest.update(chunk)
                     tmp.write(chunk)
         except Exception as error:  # noqa: BLE001 - any failure means "not available", say why
             os.unlink(tmp.name)
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = _reason(error)
             raise WeightsUnavailableError(
                 f"cannot download weights from {url} ({reason}); when offline, download it elsewhere "
                 f"and pass the local file (e.g. --weights /path/to/{Path(url).name}) or put it at {destination}"
@@ -102,3 +104,12 @@ def _download(url: str, destination: Path) -> None:
             f"checksum mismatch for {url}: sha256 {digest.hexdigest()[:12]}..., expected {prefix}..."
         )
     os.replace(tmp.name, destination)
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause in a few words: fsspec wraps e.g. a DNS failure in a bare FileNotFoundError(url)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    inner = [a for a in getattr(error, "args", ()) if isinstance(a, BaseException)]
+    text = str(inner[-1] if inner else error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -55,10 +55,12 @@ def resized_shape(height: int, width: int, min_size: int = MIN_SIZE, max_size: i
 def to_chw_uint8(image: ImageLike) -> Tensor:
     """uint8 Tensor[3, H, W] from an RGB uint8 array (H, W, 3), a PIL image, or a uint8 tensor (3, H, W)."""
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected a uint8 array of shape (H, W, 3), got {image.dtype} {image.shape}")
+        if not image.flags.writeable:  # torch.from_numpy would warn; one copy is cheap next to the resize
+            image = image.copy()
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if isinstance(image, Tensor):
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:

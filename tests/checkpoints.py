@@ -38,7 +38,7 @@ def reference_model(seed: int = 0, **config):
     """transformers' DetrForObjectDetection with random weights (eval mode)."""
     from transformers import DetrConfig as HFDetrConfig, DetrForObjectDetection
 
-    model = DetrForObjectDetection(HFDetrConfig(**config)).eval()
+    model = DetrForObjectDetection(HFDetrConfig(**({"num_labels": 91} | config))).eval()
     randomize_(model, seed)
     with torch.no_grad():
         model.model.query_position_embeddings.weight.normal_(generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,79 @@
+"""Pre-processing against transformers' DetrImageProcessor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import detr
+
+transformers = pytest.importorskip("transformers")
+from transformers import DetrImageProcessor  # noqa: E402
+from transformers.image_transforms import get_size_with_aspect_ratio  # noqa: E402
+
+
+def test_resized_shape_matches_reference_rule():
+    for height in range(40, 3000, 41):
+        for width in range(40, 3000, 59):
+            assert detr.resized_shape(height, width) == get_size_with_aspect_ratio((height, width), 800, 1333)
+    assert detr.resized_shape(480, 640, 256, 400) == get_size_with_aspect_ratio((480, 640), 256, 400)
+
+
+def _compare(images):
+    expected = DetrImageProcessor()(images=images, return_tensors="pt")
+    ours = detr.preprocess(images)
+    assert ours.pixel_values.shape == expected["pixel_values"].shape
+    torch.testing.assert_close(ours.pixel_values, expected["pixel_values"], atol=1e-5, rtol=0)
+    assert torch.equal(ours.pixel_mask, expected["pixel_mask"].bool())
+
+
+def test_matches_detr_image_processor_on_real_photos(coco_mini):
+    files = sorted((coco_mini / "val2017").glob("*.jpg"))[:6]
+    _compare([Image.open(f).convert("RGB") for f in files])
+
+
+def test_matches_detr_image_processor_on_mixed_sizes():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(480, 640), (900, 300), (1200, 1200)]]
+    _compare([Image.fromarray(im) for im in images])
+
+
+def test_inputs_of_every_kind_give_the_same_batch():
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)
+    from_array = detr.preprocess([array], 64, 96)
+    from_pil = detr.preprocess([Image.fromarray(array)], 64, 96)
+    from_tensor = detr.preprocess([torch.from_numpy(array).permute(2, 0, 1)], 64, 96)
+    for other in (from_pil, from_tensor):
+        assert torch.equal(other.pixel_values, from_array.pixel_values)
+    assert from_array.original_sizes.tolist() == [[120, 90]]
+
+
+def test_padding_is_bottom_right_with_mask():
+    small = np.zeros((64, 64, 3), np.uint8)
+    wide = np.zeros((64, 128, 3), np.uint8)
+    batch = detr.preprocess([small, wide], min_size=64, max_size=128)
+    assert batch.pixel_values.shape == (2, 3, 64, 128)
+    assert batch.pixel_mask[0, :, :64].all() and not batch.pixel_mask[0, :, 64:].any()
+    assert (batch.pixel_values[0, :, :, 64:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((10, 10), np.uint8), r"\(H, W, 3\)"),
+        (np.zeros((10, 10, 3), np.float32), "uint8"),
+        (torch.zeros(10, 10, 3, dtype=torch.uint8), r"\(3, H, W\)"),
+        ("image.jpg", "got str"),
+    ],
+)
+def test_bad_images_say_what_was_expected(image, message):
+    with pytest.raises(ValueError, match=message):
+        detr.preprocess([image])
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="min_size=900, max_size=800"):
+        detr.resized_shape(100, 100, 900, 800)
