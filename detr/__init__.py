@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import DetrConfig
 from .criterion import SetCriterion
 from .download import WeightsUnavailableError
+from .inference import optimize_for_inference
 from .matcher import HungarianMatcher
 from .model import DETR
 from .postprocess import detection_records, postprocess
@@ -20,6 +21,6 @@ from .preprocess import ImageBatch, collate, preprocess, resize_image, resized_s
 
 __all__ = [
     "COCO_CATEGORIES", "Category", "CheckpointError", "DETR", "DetrConfig", "HungarianMatcher", "ImageBatch",
-    "SetCriterion", "WeightsUnavailableError", "collate", "detection_records", "from_pretrained", "postprocess",
+    "SetCriterion", "WeightsUnavailableError", "collate", "detection_records", "from_pretrained", "optimize_for_inference", "postprocess",
     "preprocess", "resize_image", "resized_shape", "save_pretrained",
 ]

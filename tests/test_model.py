@@ -77,3 +77,31 @@ def test_config_rejects_bad_values():
         detr.DetrConfig(hidden_dim=250)
     with pytest.raises(ValueError, match="unknown DetrConfig fields"):
         detr.DetrConfig.from_dict({"hidden": 3})
+
+
+def test_optimized_for_inference_gives_the_same_outputs(reference_r50):
+    model = detr.from_pretrained(str(reference_r50[1]))
+    fast = detr.optimize_for_inference(model)
+    assert not any(isinstance(m, torch.nn.Module) and type(m).__name__ == "FrozenBatchNorm2d" for m in fast.modules())
+    batch = _batch_of_mixed_sizes(seed=1)
+    with torch.inference_mode():
+        expected = model(batch.pixel_values, batch.pixel_mask)
+        got = fast(batch.pixel_values, batch.pixel_mask)
+    torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], atol=1e-5, rtol=0)
+    assert any(type(m).__name__ == "FrozenBatchNorm2d" for m in model.modules()), "the original is left as it was"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_on_gpu_stays_close_to_fp32(reference_r50):
+    model = detr.optimize_for_inference(detr.from_pretrained(str(reference_r50[1]))).cuda()
+    batch = _batch_of_mixed_sizes()
+    x, mask = batch.pixel_values.cuda(), batch.pixel_mask.cuda()
+    with torch.inference_mode():
+        fp32 = model(x, mask)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model(x, mask)
+    assert (fp32["pred_boxes"] - bf16["pred_boxes"].float()).abs().max() < 0.05
+    agree = (fp32["pred_logits"].argmax(-1) == bf16["pred_logits"].float().argmax(-1)).float().mean()
+    assert agree > 0.9
