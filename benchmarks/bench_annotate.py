@@ -1,0 +1,193 @@
+"""Annotate job vs the bare model, and its memory at N vs 10 x N images, in one run on one machine.
+
+    python benchmarks/bench_annotate.py [--images 40] [--scale 10] [--min-size 320] [--max-size 533]
+
+1. Model only: the same ``Detector`` the job's actors run (DETR-R50, random weights, same
+   batch size, aspect grouping and torch threads as one actor) on images decoded and
+   resized beforehand, in this process: the ceiling for the job.
+2. End to end: ``python -m jobs.annotate`` on local folders of N and 10 x N images, as a user
+   runs it (it starts its own local Ray cluster with this machine's CPUs and default actor
+   layout). The job's own summary counts from the start of execution, so it includes
+   starting workers and loading the weights into the actor; the steady-state rate is the
+   difference of the two runs, (10N - N) images / (T(10N) - T(N)), in which that fixed
+   start-up cancels.
+3. Memory: for both runs, the largest sum, over the job's
+   process tree (driver, GCS, raylet with its object store, dashboard, workers and actors),
+   of proportional set size (PSS), sampled every 0.25 s: PSS charges shared pages (the
+   object store's shared memory, shared libraries) once across processes, where RSS would
+   count them in every process that maps them.
+
+Goals: steady-state end to end >= 0.9 x model only; peak memory at 10 x N <= 1.2 x at N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import detr  # noqa: E402
+from jobs.detector import Detector, DetectorConfig  # noqa: E402
+from jobs.image_decoding import prepare_images  # noqa: E402
+
+COCO_VAL = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
+
+
+@dataclass(frozen=True)
+class JobRun:
+    images: int
+    seconds: float  # the job's own measure (write start to end: actor start-up included)
+    peak_pss_bytes: int
+    summary: str
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=40, help="N: images in the throughput run")
+    parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N images")
+    parser.add_argument("--min-size", type=int, default=320, help="resize rule (DETR's own is 800/1333)")
+    parser.add_argument("--max-size", type=int, default=533)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--work-dir", default=None, help="where images and outputs go (default: a temp dir)")
+    return parser.parse_args(argv)
+
+
+def make_folder(folder: Path, count: int) -> None:
+    """``count`` photos: COCO val2017 ones when present (repeated under new names), else synthetic."""
+    folder.mkdir(parents=True)
+    sources = sorted(COCO_VAL.glob("*.jpg"))
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        if sources:
+            shutil.copyfile(sources[i % len(sources)], folder / f"{i:06d}.jpg")
+        else:
+            pixels = (rng.random((480, 640, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def actor_threads() -> int:
+    """Torch threads one job actor gets by default on this machine (all CPUs but one, see jobs.annotate)."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def model_only(weights: str, folder: Path, args: argparse.Namespace, threads: int) -> float:
+    """img/s of the job's Detector on pre-decoded, pre-resized batches."""
+    uris = [f"file://{p}" for p in sorted(folder.glob("*.jpg"))]
+    prepared = prepare_images(pa.table({"uri": uris}), min_size=args.min_size, max_size=args.max_size)
+    detector = Detector(DetectorConfig(weights=weights, threshold=0.7, cpu_threads=threads))
+    detector(prepared.slice(0, args.batch_size))  # warm-up
+    started = time.perf_counter()
+    for start in range(0, prepared.num_rows, args.batch_size):
+        detector(prepared.slice(start, args.batch_size))
+    return prepared.num_rows / (time.perf_counter() - started)
+
+
+def run_job(folder: Path, output: Path, weights: str, args: argparse.Namespace) -> JobRun:
+    command = [
+        sys.executable, "-m", "jobs.annotate", str(folder), str(output), "--weights", weights,
+        "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--batch-size", str(args.batch_size),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local cluster every run
+    with tempfile.TemporaryFile() as log:
+        job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        peak = 0
+        while job.poll() is None:
+            peak = max(peak, tree_pss(job.pid))
+            time.sleep(0.25)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    if job.returncode != 0:
+        raise RuntimeError(f"annotate failed ({job.returncode}):\n{text[-3000:]}")
+    summary = next(line for line in text.splitlines() if line.startswith("annotate: "))
+    seconds = float(summary.split(" over ")[1].split(" s")[0])
+    rows = sum(pq.read_metadata(p).num_rows for p in output.glob("*.parquet"))
+    return JobRun(rows, seconds, peak, summary)
+
+
+def tree_pss(pid: int) -> int:
+    """Sum of PSS (bytes) over a process and all its descendants, from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier and child not in tree]
+        tree.update(children)
+        frontier = children
+    total = 0
+    for member in tree:
+        try:
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def total_memory_gib() -> float:
+    lines = Path("/proc/meminfo").read_text().splitlines()
+    kib = next(int(line.split()[1]) for line in lines if line.startswith("MemTotal:"))
+    return kib / 2**20
+
+
+def main(args: argparse.Namespace) -> None:
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-annotate-"))
+    torch.manual_seed(0)
+    weights = str(work / "detr-r50-random.pth")
+    detr.save_pretrained(detr.DETR(detr.DetrConfig()).eval(), weights)  # R50 architecture, random weights
+    small, large = work / "images-n", work / "images-10n"
+    make_folder(small, args.images)
+    make_folder(large, args.images * args.scale)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{total_memory_gib():.0f} GiB, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
+    source = "COCO val2017" if COCO_VAL.is_dir() else "synthetic"
+    print(f"images: {source}, resized to {args.min_size}/{args.max_size}, "
+          f"batch size {args.batch_size}")
+
+    threads = actor_threads()
+    # Other work on a shared machine shifts every figure: measure the model between and
+    # around the job runs and compare against the median.
+    model = [model_only(weights, small, args, threads)]
+    run_n = run_job(small, work / "out-n", weights, args)
+    model.append(model_only(weights, small, args, threads))
+    run_10n = run_job(large, work / "out-10n", weights, args)
+    model.append(model_only(weights, small, args, threads))
+    model_all_cores = model_only(weights, small, args, os.cpu_count() or 1)
+    reference = float(np.median(model))
+    steady = (run_10n.images - run_n.images) / (run_10n.seconds - run_n.seconds)
+    print(f"model only ({threads} thread(s), as one actor): median {reference:.2f} img/s of "
+          f"{', '.join(f'{m:.2f}' for m in model)}; with all {os.cpu_count()} cores: {model_all_cores:.2f} img/s")
+    for name, run in (("N", run_n), (f"{args.scale}xN", run_10n)):
+        print(f"end to end, {name} = {run.images} images: job summary {run.images / run.seconds:.2f} img/s "
+              f"over {run.seconds:.1f} s, peak PSS {run.peak_pss_bytes / 2**30:.2f} GiB")
+    print(f"end to end, steady state: {steady:.2f} img/s")
+    print(f"ratio end to end (steady) / model only: {steady / reference:.2f} (goal >= 0.9)")
+    print(f"ratio peak memory {args.scale}xN / N: {run_10n.peak_pss_bytes / run_n.peak_pss_bytes:.2f} (goal <= 1.2)")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,179 @@
+"""From an object's bytes to an upright RGB image, or a one-line reason why not.
+
+Every kind of input a bucket of "images" really holds is mapped to one of two outcomes:
+
+* an ``uint8`` array ``(H, W, 3)`` in the orientation a viewer shows (EXIF ``Orientation``
+  applied), whatever the file's mode: grayscale, 16-bit grayscale (scaled, not clipped),
+  CMYK, palette, bilevel, or with alpha (composited over white, so transparent regions do
+  not turn into whatever colour the encoder left under them);
+* :class:`ImageDecodeError` whose ``reason`` is one short line: ``empty file``,
+  ``not an image``, ``truncated JPEG`` (or PNG, ...), ``decompression bomb: ...``,
+  ``unreadable: ...``.
+
+:func:`prepare_images` is the pipeline's CPU stage: it reads a batch of URIs, decodes and
+resizes each image (``detr.resize_image``) so the model actors only normalize and pad.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import detr
+from jobs.image_source import read_objects
+
+# PIL's own default limit (~89.5 megapixels, ~256 MiB of RGB): beyond it, a small file that
+# claims huge dimensions would make a decode worker allocate gigabytes.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+_MAGIC = ((b"\xff\xd8", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+# The CPU stage's output, one row per input URI; ``pixels`` holds the resized image as
+# uint8 CHW bytes (empty on error), so blocks stay plain Arrow.
+PREPARED_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string()),
+        pa.field("width", pa.int32()),  # original (EXIF-upright) width; null on error
+        pa.field("height", pa.int32()),
+        pa.field("error", pa.string()),  # null on success
+        pa.field("resized_height", pa.int32()),  # 0 on error
+        pa.field("resized_width", pa.int32()),
+        pa.field("pixels", pa.binary()),
+    ]
+)
+
+
+class ImageDecodeError(ValueError):
+    """An object that is not a usable image; ``reason`` is the one-line explanation."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image into an upright RGB array.
+
+    Args:
+        data: the file's bytes (JPEG, PNG, WebP, GIF, BMP, TIFF, ... whatever Pillow reads).
+        max_pixels: images claiming more pixels than this are rejected before decoding.
+    Returns:
+        uint8 array ``(H, W, 3)``; ``H, W`` are the EXIF-transposed height and width.
+    Raises:
+        ImageDecodeError: with a one-line ``reason``.
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below decides; PIL's warning between 1x and 2x its limit is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image") from None
+    except Image.DecompressionBombError as error:  # beyond 2x PIL's limit: refused while reading the header
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = claimed.group(1) if claimed else "too many"
+        raise ImageDecodeError(f"decompression bomb: {pixels} pixels exceed the limit of {max_pixels}") from None
+    except Exception as error:  # noqa: BLE001 - a broken header can raise anything; say what
+        raise ImageDecodeError(_failure_reason(data, None, error)) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+        )
+    try:
+        image.load()
+    except Exception as error:  # noqa: BLE001 - classify below; never let one file kill a batch
+        raise ImageDecodeError(_failure_reason(data, image.format, error)) from None
+    return to_rgb_array(_upright(image))
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` from a loaded image of any mode (16-bit scaled, alpha over white)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float32)
+        gray = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode == "F":
+        gray = np.clip(np.round(np.asarray(image)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is not worth losing the image over
+        return image
+
+
+def _failure_reason(data: bytes, image_format: str | None, error: Exception) -> str:
+    """``truncated <FORMAT>`` when the file ends early, else ``unreadable: <decoder message>``."""
+    image_format = image_format or _sniff_format(data)
+    message = _first_line(error)
+    truncated_signs = ("truncated", "broken data stream", "premature end", "unexpected end")
+    riff_short = image_format == "WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data)
+    if isinstance(error, EOFError) or riff_short or any(sign in message.lower() for sign in truncated_signs):
+        return f"truncated {image_format or 'image'}"
+    return f"unreadable: {message}"
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The format a file's magic bytes announce (for files too broken for PIL to say)."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return "WEBP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def prepare_images(batch: pa.Table, *, min_size: int, max_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   fail_on_error: bool = False) -> pa.Table:
+    """The pipeline's CPU stage: read, decode and resize a batch of images.
+
+    Args:
+        batch: a table with a ``uri`` string column.
+        min_size, max_size: DETR's resize rule (see :func:`detr.resized_shape`).
+        max_pixels: the decompression-bomb limit.
+        fail_on_error: raise :class:`ImageDecodeError` naming the first bad object instead of
+            returning an error row (``--fail-on-error``).
+    Returns:
+        A table in :data:`PREPARED_SCHEMA`, one row per input row, in input order.
+    """
+    uris = batch.column("uri").to_pylist()
+    columns: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
+    for uri, content in zip(uris, read_objects(uris)):
+        try:
+            if isinstance(content, Exception):
+                raise ImageDecodeError(f"unreadable: {_first_line(content)}")
+            rgb = decode_image(content, max_pixels=max_pixels)
+        except ImageDecodeError as error:
+            if fail_on_error:
+                raise ImageDecodeError(f"{uri}: {error.reason}") from None
+            row = (uri, None, None, error.reason, 0, 0, b"")
+        else:
+            resized = detr.resize_image(rgb, min_size, max_size)  # uint8 (3, h, w)
+            row = (uri, rgb.shape[1], rgb.shape[0], None, resized.shape[1], resized.shape[2],
+                   resized.contiguous().numpy().tobytes())
+        for name, value in zip(PREPARED_SCHEMA.names, row):
+            columns[name].append(value)
+    return pa.table(columns, schema=PREPARED_SCHEMA)

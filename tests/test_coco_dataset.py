@@ -1,0 +1,122 @@
+"""jobs/coco_dataset.py: COCO instances files and images from any fsspec URI into training samples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs.coco_dataset import CocoDetectionDataset, CocoFormatError, read_coco_annotations
+from jobs.synthetic_shapes import generate
+
+
+def write_coco(path, document) -> str:
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def small_document() -> dict:
+    return {
+        "images": [
+            {"id": 7, "file_name": "a.png", "height": 40, "width": 60},
+            {"id": 9, "file_name": "b.png", "height": 40, "width": 60},  # no annotations: a negative
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 42, "bbox": [10, 5, 20, 10], "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 5, "bbox": [50, 30, 30, 30]},  # clipped to 10 x 10
+            {"id": 3, "image_id": 7, "category_id": 5, "bbox": [0, 0, 60, 40], "iscrowd": 1},  # crowd: ignored
+            {"id": 4, "image_id": 7, "category_id": 42, "bbox": [20, 20, 0, 5]},  # no width: dropped
+            {"id": 5, "image_id": 7, "category_id": 42, "bbox": [70, 10, 5, 5]},  # outside the image: dropped
+        ],
+        "categories": [{"id": 42, "name": "cat"}, {"id": 5, "name": "dog"}],
+    }
+
+
+def test_arbitrary_ids_become_contiguous_classes_crowd_and_empty_boxes_left_out(tmp_path):
+    parsed = read_coco_annotations(write_coco(tmp_path / "a.json", small_document()))
+
+    assert [(c.id, c.name) for c in parsed.categories] == [(5, "dog"), (42, "cat")]
+    first, negative = parsed.images
+    assert first.labels.tolist() == [1, 0]  # cat (id 42) -> 1, dog (id 5) -> 0
+    np.testing.assert_allclose(first.boxes_xyxy, [[10, 5, 30, 15], [50, 30, 60, 40]])
+    assert negative.labels.shape == (0,) and negative.boxes_xyxy.shape == (0, 4)
+    assert (parsed.num_crowd, parsed.num_degenerate, parsed.num_boxes) == (1, 2, 2)
+    assert len(parsed.document["annotations"]) == 5  # evaluation sees the file as written
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda d: d.pop("annotations"), "missing the 'annotations' list"),
+        (lambda d: d["annotations"][0].update(category_id=99), "category_id 99, which is not in categories"),
+        (lambda d: d["annotations"][0].update(image_id=3), "image_id 3, which is not in images"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "expected 4 finite numbers"),
+        (lambda d: d["annotations"][0].pop("bbox"), "annotations[0] (id 1) lacks ['bbox']"),
+        (lambda d: d["images"].append(dict(d["images"][0])), "repeats image id 7"),
+        (lambda d: d["images"][0].update(height=0), "bad size 0x60"),
+        (lambda d: d.update(categories=[]), "has no categories"),
+        (lambda d: d["categories"].append({"id": 5, "name": "again"}), "duplicate category ids"),
+    ],
+)
+def test_malformed_file_names_file_and_reason(tmp_path, mutate, reason):
+    document = small_document()
+    mutate(document)
+    path = write_coco(tmp_path / "bad.json", document)
+    with pytest.raises(CocoFormatError) as error:
+        read_coco_annotations(path)
+    assert str(error.value).startswith(f"{path}: ") and reason in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unreadable_files(tmp_path):
+    (tmp_path / "text.json").write_text("{not json")
+    with pytest.raises(CocoFormatError, match="not valid JSON"):
+        read_coco_annotations(str(tmp_path / "text.json"))
+    with pytest.raises(CocoFormatError, match="no such file"):
+        read_coco_annotations(str(tmp_path / "missing.json"))
+    with pytest.raises(CocoFormatError, match="expected a JSON object"):
+        read_coco_annotations(write_coco(tmp_path / "list.json", []))
+
+
+def test_items_from_object_storage(s3_bucket):
+    coco = generate(f"s3://{s3_bucket}/shapes", 4, seed=2)
+    parsed = read_coco_annotations(f"s3://{s3_bucket}/shapes/annotations.json")
+    dataset = CocoDetectionDataset(f"s3://{s3_bucket}/shapes/images", parsed)
+
+    assert len(dataset) == 4
+    for index, image_entry in enumerate(coco["images"]):
+        image, target = dataset[index]
+        assert image.dtype == torch.uint8 and tuple(image.shape) == (3, image_entry["height"], image_entry["width"])
+        expected = [a for a in coco["annotations"] if a["image_id"] == image_entry["id"]]
+        assert target["image_id"] == image_entry["id"] and target["orig_size"] == (image_entry["height"], image_entry["width"])
+        assert target["labels"].tolist() == [[10, 20, 30].index(a["category_id"]) for a in expected]
+        xyxy = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in expected)]
+        np.testing.assert_allclose(target["boxes"].reshape(-1, 4).numpy(), np.asarray(xyxy).reshape(-1, 4))
+
+
+def test_bad_images_name_the_file(tmp_path):
+    document = small_document()
+    annotations = read_coco_annotations(write_coco(tmp_path / "a.json", document))
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (30, 40)).save(tmp_path / "images" / "a.png")  # 40 x 30, the file says 40 x 60
+    (tmp_path / "images" / "b.png").write_bytes(b"not a png")
+    dataset = CocoDetectionDataset(str(tmp_path / "images"), annotations)
+    with pytest.raises(CocoFormatError, match=r"a\.png: image is 40x30 but .*a\.json says 40x60"):
+        dataset[0]
+    with pytest.raises(CocoFormatError, match=r"b\.png: not a decodable image"):
+        dataset[1]
+
+
+def test_real_coco_subset(coco_mini):
+    annotations_uri = str(coco_mini / "annotations" / "instances_val2017.json")
+    document = json.loads(open(annotations_uri).read())
+    parsed = read_coco_annotations(annotations_uri)
+
+    assert len(parsed.categories) == len(document["categories"])
+    assert parsed.num_crowd == sum(a["iscrowd"] for a in document["annotations"])
+    assert parsed.num_boxes + parsed.num_crowd + parsed.num_degenerate == len(document["annotations"])
+    image, target = CocoDetectionDataset(str(coco_mini / "val2017"), parsed)[0]
+    assert tuple(image.shape[1:]) == target["orig_size"]
