@@ -4,18 +4,22 @@
 
 1. Model only: the same ``Detector`` the job's actors run (DETR-R50, random weights, same
    batch size, aspect grouping and torch threads as one actor) on images decoded and
-   resized beforehand, in this process: the ceiling for the job.
+   resized beforehand, in this process: the ceiling for the job. Measured before, between
+   and after the job runs; the median is the reference.
 2. End to end: ``python -m jobs.annotate`` on local folders of N and 10 x N images, as a user
    runs it (it starts its own local Ray cluster with this machine's CPUs and default actor
    layout). The job's own summary counts from the start of execution, so it includes
    starting workers and loading the weights into the actor; the steady-state rate is the
    difference of the two runs, (10N - N) images / (T(10N) - T(N)), in which that fixed
    start-up cancels.
-3. Memory: for both runs, the largest sum, over the job's
-   process tree (driver, GCS, raylet with its object store, dashboard, workers and actors),
-   of proportional set size (PSS), sampled every 0.25 s: PSS charges shared pages (the
-   object store's shared memory, shared libraries) once across processes, where RSS would
-   count them in every process that maps them.
+3. Memory: for both runs, the largest sum, over the job's process tree (driver, GCS, raylet
+   with its object store, dashboard, workers and actors), of proportional set size (PSS),
+   sampled every 0.25 s: PSS charges shared pages (the object store's shared memory, shared
+   libraries) once across processes, where RSS would count them in every process that maps
+   them.
+4. CPU time, because a shared machine's load moves wall-clock figures: the model actor's
+   images per CPU-second (difference of the two runs) against the model alone's
+   (``time.process_time``), and the CPU time of the whole job's process tree.
 
 Goals: steady-state end to end >= 0.9 x model only; peak memory at 10 x N <= 1.2 x at N.
 """
@@ -50,17 +54,24 @@ COCO_VAL = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
 
 
 @dataclass(frozen=True)
+class ModelRun:
+    images_per_second: float  # wall clock
+    images_per_cpu_second: float  # what the model costs, whatever else runs on the machine
+
+
+@dataclass(frozen=True)
 class JobRun:
     images: int
     seconds: float  # the job's own measure (write start to end: actor start-up included)
     peak_pss_bytes: int
-    summary: str
+    actor_cpu_seconds: float  # CPU time of the model actor process (weights loading included)
+    tree_cpu_seconds: float  # CPU time of the whole job: driver, Ray daemons, decode and write workers, actor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=40, help="N: images in the throughput run")
-    parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N images")
+    parser.add_argument("--images", type=int, default=40, help="N: images in the first run")
+    parser.add_argument("--scale", type=int, default=10, help="the second run uses scale x N images")
     parser.add_argument("--min-size", type=int, default=320, help="resize rule (DETR's own is 800/1333)")
     parser.add_argument("--max-size", type=int, default=533)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -86,16 +97,17 @@ def actor_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
-def model_only(weights: str, folder: Path, args: argparse.Namespace, threads: int) -> float:
-    """img/s of the job's Detector on pre-decoded, pre-resized batches."""
+def model_only(weights: str, folder: Path, args: argparse.Namespace, threads: int) -> ModelRun:
+    """Throughput of the job's Detector on pre-decoded, pre-resized batches."""
     uris = [f"file://{p}" for p in sorted(folder.glob("*.jpg"))]
     prepared = prepare_images(pa.table({"uri": uris}), min_size=args.min_size, max_size=args.max_size)
     detector = Detector(DetectorConfig(weights=weights, threshold=0.7, cpu_threads=threads))
     detector(prepared.slice(0, args.batch_size))  # warm-up
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     for start in range(0, prepared.num_rows, args.batch_size):
         detector(prepared.slice(start, args.batch_size))
-    return prepared.num_rows / (time.perf_counter() - started)
+    return ModelRun(prepared.num_rows / (time.perf_counter() - started),
+                    prepared.num_rows / (time.process_time() - started_cpu))
 
 
 def run_job(folder: Path, output: Path, weights: str, args: argparse.Namespace) -> JobRun:
@@ -106,9 +118,11 @@ def run_job(folder: Path, output: Path, weights: str, args: argparse.Namespace) 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local cluster every run
     with tempfile.TemporaryFile() as log:
         job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        peak = 0
+        peak, cpu = 0, {}
         while job.poll() is None:
-            peak = max(peak, tree_pss(job.pid))
+            members = process_tree(job.pid)
+            peak = max(peak, tree_pss(members))
+            cpu.update(cpu_seconds(members))
             time.sleep(0.25)
         log.seek(0)
         text = log.read().decode(errors="replace")
@@ -117,11 +131,12 @@ def run_job(folder: Path, output: Path, weights: str, args: argparse.Namespace) 
     summary = next(line for line in text.splitlines() if line.startswith("annotate: "))
     seconds = float(summary.split(" over ")[1].split(" s")[0])
     rows = sum(pq.read_metadata(p).num_rows for p in output.glob("*.parquet"))
-    return JobRun(rows, seconds, peak, summary)
+    actor_cpu = sum(seconds for name, seconds in cpu.values() if "MapBatches(Detector)" in name)
+    return JobRun(rows, seconds, peak, actor_cpu, sum(seconds for _, seconds in cpu.values()))
 
 
-def tree_pss(pid: int) -> int:
-    """Sum of PSS (bytes) over a process and all its descendants, from /proc (Linux)."""
+def process_tree(pid: int) -> set[int]:
+    """A process and all its descendants, from /proc (Linux)."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -134,8 +149,27 @@ def tree_pss(pid: int) -> int:
         children = [child for child, parent in parents.items() if parent in frontier and child not in tree]
         tree.update(children)
         frontier = children
+    return tree
+
+
+def cpu_seconds(members: set[int]) -> dict[int, tuple[str, float]]:
+    """(command line, user + system CPU seconds so far) of each process."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for member in members:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            name = Path(f"/proc/{member}/cmdline").read_text().replace("\0", " ")
+        except OSError:
+            continue
+        found[member] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    return found
+
+
+def tree_pss(members: set[int]) -> int:
+    """Sum of PSS (bytes) over processes, from /proc (Linux)."""
     total = 0
-    for member in tree:
+    for member in members:
         try:
             for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -162,8 +196,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{total_memory_gib():.0f} GiB, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
     source = "COCO val2017" if COCO_VAL.is_dir() else "synthetic"
-    print(f"images: {source}, resized to {args.min_size}/{args.max_size}, "
-          f"batch size {args.batch_size}")
+    print(f"images: {source}, resized to {args.min_size}/{args.max_size}, batch size {args.batch_size}")
 
     threads = actor_threads()
     # Other work on a shared machine shifts every figure: measure the model between and
@@ -174,15 +207,21 @@ def main(args: argparse.Namespace) -> None:
     run_10n = run_job(large, work / "out-10n", weights, args)
     model.append(model_only(weights, small, args, threads))
     model_all_cores = model_only(weights, small, args, os.cpu_count() or 1)
-    reference = float(np.median(model))
+
+    reference = float(np.median([m.images_per_second for m in model]))
+    reference_cpu = float(np.median([m.images_per_cpu_second for m in model]))
     steady = (run_10n.images - run_n.images) / (run_10n.seconds - run_n.seconds)
+    actor_cpu = (run_10n.images - run_n.images) / (run_10n.actor_cpu_seconds - run_n.actor_cpu_seconds)
     print(f"model only ({threads} thread(s), as one actor): median {reference:.2f} img/s of "
-          f"{', '.join(f'{m:.2f}' for m in model)}; with all {os.cpu_count()} cores: {model_all_cores:.2f} img/s")
+          f"{', '.join(f'{m.images_per_second:.2f}' for m in model)}; {reference_cpu:.2f} img per CPU-second; "
+          f"with all {os.cpu_count()} cores: {model_all_cores.images_per_second:.2f} img/s")
     for name, run in (("N", run_n), (f"{args.scale}xN", run_10n)):
         print(f"end to end, {name} = {run.images} images: job summary {run.images / run.seconds:.2f} img/s "
-              f"over {run.seconds:.1f} s, peak PSS {run.peak_pss_bytes / 2**30:.2f} GiB")
-    print(f"end to end, steady state: {steady:.2f} img/s")
-    print(f"ratio end to end (steady) / model only: {steady / reference:.2f} (goal >= 0.9)")
+              f"over {run.seconds:.1f} s, peak PSS {run.peak_pss_bytes / 2**30:.2f} GiB, CPU time: actor "
+              f"{run.actor_cpu_seconds:.0f} s, whole job {run.tree_cpu_seconds:.0f} s")
+    print(f"end to end, steady state: {steady:.2f} img/s; model actor: {actor_cpu:.2f} img per CPU-second")
+    print(f"ratio end to end (steady) / model only, wall clock: {steady / reference:.2f} (goal >= 0.9)")
+    print(f"ratio actor / model only, per CPU-second: {actor_cpu / reference_cpu:.2f}")
     print(f"ratio peak memory {args.scale}xN / N: {run_10n.peak_pss_bytes / run_n.peak_pss_bytes:.2f} (goal <= 1.2)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if args.work_dir is None:
