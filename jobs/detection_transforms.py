@@ -65,6 +65,11 @@ class AugmentationConfig:
             raise ValueError(f"need 1 <= crop_min_size <= crop_max_size, got {self.crop_min_size}, {self.crop_max_size}")
 
     @classmethod
+    def from_dict(cls, values: dict) -> "AugmentationConfig":
+        """Inverse of ``dataclasses.asdict`` (lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    @classmethod
     def scaled(cls, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE, augmentation: str = "detr") -> "AugmentationConfig":
         """DETR's recipe with every size multiplied by ``min_size / 800``; ``min_size=800`` is DETR's exactly."""
         if not 1 <= min_size <= max_size:
