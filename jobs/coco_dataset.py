@@ -12,7 +12,6 @@ A file that cannot be used raises :class:`CocoFormatError` naming the file and t
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -26,6 +25,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from detr.categories import Category, categories_from_coco
+from jobs.coco_ground_truth import CocoInputError, read_json_uri
 
 Sample = tuple[tv_tensors.Image, dict[str, Any]]
 
@@ -84,19 +84,11 @@ def _fail(uri: str, reason: str) -> CocoFormatError:
 
 
 def _read_json(uri: str) -> Any:
+    # One JSON reader for all COCO inputs (shared with the score job); training reports its own error type.
     try:
-        with fsspec.open(uri, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise _fail(uri, "no such file") from None
-    except IsADirectoryError:
-        raise _fail(uri, "is a directory, expected a COCO instances JSON file") from None
-    except OSError as error:
-        raise _fail(uri, f"cannot be read ({error})") from None
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise _fail(uri, f"not valid JSON ({error})") from None
+        return read_json_uri(uri)
+    except CocoInputError as error:
+        raise CocoFormatError(str(error)) from None
 
 
 def _require(uri: str, entry: Mapping, keys: tuple[str, ...], where: str) -> None:
