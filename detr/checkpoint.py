@@ -13,6 +13,7 @@ layout plus ``config`` and ``categories``, so fine-tuned weights carry their cla
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import re
@@ -196,9 +197,10 @@ def from_pretrained(
         config = infer_config(state, dilation=is_dilated(source) if dilation is None else dilation)
     stored_categories = categories_from_list(extras["categories"]) if "categories" in extras else None
     new_head = num_classes is not None and num_classes != config.num_classes
-    if dilation is not None or new_head:
-        values = config.to_dict() | ({"dilation": dilation} if dilation is not None else {})
-        config = DetrConfig.from_dict(values | ({"num_classes": num_classes} if new_head else {}))
+    overrides = {"dilation": dilation} if dilation is not None else {}
+    if new_head:
+        overrides["num_classes"] = num_classes
+    config = dataclasses.replace(config, **overrides)
     model = DETR(config, categories if new_head else (stored_categories or categories))
     load_detr_state(model, state, skip_prefixes=("class_embed.",) if new_head else ())
     model.weights_name = f"{Path(source.rstrip('/')).name}@{_content_hash(state)}"
