@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from torchvision.ops import box_convert
 
+from jobs.coco_ground_truth import CocoInputError, read_json_uri
 from jobs.image_source import ImageSourceError, filesystem_for
 
 
@@ -44,14 +45,11 @@ class ExportSummary:
 
 def image_ids_by_file_name(annotations_uri: str) -> dict[str, int]:
     """``images[].file_name`` (last path part) -> ``images[].id`` of a COCO annotations file."""
+    # One JSON reader for all COCO inputs (shared with the score job); export reports its own error type.
     try:
-        fs, path = filesystem_for(annotations_uri)
-        with fs.open(path, "rb") as stream:
-            document = json.load(stream)
-    except FileNotFoundError:
-        raise CocoExportError(f"{annotations_uri}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CocoExportError(f"{annotations_uri}: not JSON ({error})") from None
+        document = read_json_uri(annotations_uri)
+    except CocoInputError as error:
+        raise CocoExportError(str(error)) from None
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list):
         raise CocoExportError(f"{annotations_uri}: not a COCO annotations file (no 'images' list)")
