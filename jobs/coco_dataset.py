@@ -7,6 +7,9 @@ table travels with the fine-tuned weights so predictions map back to the file's 
 For training, crowd annotations are ignored (as DETR does), boxes are clipped to the image
 and those left without area are dropped and counted; images without any annotation stay in
 the dataset as negatives. The raw file is kept as well, for COCO evaluation.
+Images are decoded as the annotate job decodes them (:func:`jobs.image_decoding.decode_image`):
+EXIF orientation applied and any mode made RGB, because COCO boxes (and the file's
+``width``/``height``) are in the pixels of the upright image a viewer shows.
 A file that cannot be used raises :class:`CocoFormatError` naming the file and the reason.
 """
 
@@ -22,10 +25,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 
 from detr.categories import Category, categories_from_coco
 from jobs.coco_ground_truth import CocoInputError, read_json_uri
+from jobs.image_decoding import ImageDecodeError, decode_image
 
 Sample = tuple[tv_tensors.Image, dict[str, Any]]
 
@@ -169,17 +172,37 @@ def read_coco_annotations(uri: str) -> CocoAnnotations:
 
 
 def read_image(uri: str) -> Tensor:
-    """uint8 Tensor[3, H, W] RGB from an encoded image (JPEG, PNG, ...) at any fsspec URI."""
+    """uint8 Tensor[3, H, W] RGB, upright, from an encoded image (JPEG, PNG, ...) at any fsspec URI.
+
+    Decoded by the annotate job's decoder, so training pairs the annotations with the same
+    pixels annotate predicts on: EXIF-rotated photos upright, grayscale/CMYK/16-bit/palette/alpha
+    as RGB, decompression bombs refused.
+    """
     try:
         with fsspec.open(uri, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise CocoFormatError(f"{uri}: no such image file") from None
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "undecodable"
-        raise CocoFormatError(f"{uri}: not a decodable image ({reason})") from None
+        rgb = decode_image(data)
+    except ImageDecodeError as error:
+        raise CocoFormatError(f"{uri}: not a decodable image ({error.reason})") from None
+    return torch.from_numpy(rgb.transpose(2, 0, 1).copy())  # the copy: CHW, contiguous and writable
+
+
+def _size_mismatch(uri: str, image: Tensor, record: ImageRecord, annotations_uri: str) -> CocoFormatError:
+    """The error for an image whose size is not the one its annotations were made on.
+
+    Width and height swapped almost always means the annotations were drawn on the stored
+    pixels of an EXIF-rotated photo, not on the upright image that COCO tools expect.
+    """
+    height, width = image.shape[1:]
+    hint = ""
+    if (height, width) == (record.width, record.height):
+        hint = " (width and height swapped: EXIF orientation? boxes must be in the upright image's pixels)"
+    return CocoFormatError(
+        f"{uri}: image is {height}x{width} but {annotations_uri} says {record.height}x{record.width}{hint}"
+    )
 
 
 class CocoDetectionDataset(Dataset):
@@ -211,10 +234,7 @@ class CocoDetectionDataset(Dataset):
         uri = f"{self.images_uri}/{record.file_name}"
         image = read_image(uri)
         if tuple(image.shape[1:]) != (record.height, record.width):
-            raise CocoFormatError(
-                f"{uri}: image is {image.shape[1]}x{image.shape[2]} but {self.annotations.uri} says "
-                f"{record.height}x{record.width}"
-            )
+            raise _size_mismatch(uri, image, record, self.annotations.uri)
         target = {
             "boxes": tv_tensors.BoundingBoxes(
                 torch.from_numpy(record.boxes_xyxy), format="XYXY", canvas_size=(record.height, record.width)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from jobs.coco_dataset import CocoDetectionDataset, CocoFormatError, read_coco_annotations
 from jobs.synthetic_shapes import generate
@@ -120,3 +120,93 @@ def test_real_coco_subset(coco_mini):
     assert parsed.num_boxes + parsed.num_crowd + parsed.num_degenerate == len(document["annotations"])
     image, target = CocoDetectionDataset(str(coco_mini / "val2017"), parsed)[0]
     assert tuple(image.shape[1:]) == target["orig_size"]
+
+
+def one_image_dataset(tmp_path, file_name: str, height: int, width: int, bbox: list[float]) -> CocoDetectionDataset:
+    """A dataset of the one image ``images/<file_name>`` (written by the test), annotated with one box."""
+    document = {
+        "images": [{"id": 1, "file_name": file_name, "height": height, "width": width}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": bbox}],
+        "categories": [{"id": 3, "name": "thing"}],
+    }
+    annotations = read_coco_annotations(write_coco(tmp_path / "instances.json", document))
+    return CocoDetectionDataset(str(tmp_path / "images"), annotations)
+
+
+def write_exif_rotated_jpeg(path) -> None:
+    """A landscape 48 x 32 (W x H) JPEG with EXIF Orientation 6: viewers show it rotated 90
+    degrees clockwise, as a 32 x 48 portrait. A white 24 x 16 block fills the stored top-left
+    corner, which lands in the upright image's top-right corner: x 16..32, y 0..24."""
+    stored = np.zeros((32, 48, 3), dtype=np.uint8)
+    stored[:16, :24] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+
+
+def test_exif_rotated_jpeg_is_upright_and_matches_its_boxes(tmp_path):
+    write_exif_rotated_jpeg(tmp_path / "images" / "rotated.jpg")
+    dataset = one_image_dataset(tmp_path, "rotated.jpg", height=48, width=32, bbox=[16, 0, 16, 24])
+
+    image, target = dataset[0]
+
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 48, 32)
+    with Image.open(tmp_path / "images" / "rotated.jpg") as stored:
+        upright = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), upright)
+    assert target["orig_size"] == (48, 32) and tuple(target["boxes"].canvas_size) == (48, 32)
+    np.testing.assert_allclose(target["boxes"].numpy(), [[16, 0, 32, 24]])
+    x0, y0, x1, y1 = (int(v) for v in target["boxes"][0])
+    inside = image[:, y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].float()
+    outside = image[:, y1 + 2 :, :].float()
+    assert inside.min() > 200 and outside.max() < 50  # the object is where the box says
+
+
+def test_annotations_on_the_stored_pixels_of_a_rotated_jpeg_are_refused_with_a_hint(tmp_path):
+    write_exif_rotated_jpeg(tmp_path / "images" / "rotated.jpg")
+    dataset = one_image_dataset(tmp_path, "rotated.jpg", height=32, width=48, bbox=[0, 0, 24, 16])
+
+    with pytest.raises(CocoFormatError) as error:
+        dataset[0]
+
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'images' / 'rotated.jpg'}: image is 48x32 but ")
+    assert "instances.json says 32x48" in message and "EXIF orientation" in message and "\n" not in message
+
+
+def test_grayscale_png_becomes_three_equal_channels(tmp_path):
+    gray = np.arange(20 * 30, dtype=np.uint8).reshape(20, 30)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(gray, mode="L").save(tmp_path / "images" / "gray.png")
+
+    image, _ = one_image_dataset(tmp_path, "gray.png", height=20, width=30, bbox=[1, 1, 5, 5])[0]
+
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 20, 30)
+    for channel in image:
+        np.testing.assert_array_equal(channel.numpy(), gray)
+
+
+def test_rgba_png_becomes_rgb_over_white(tmp_path):
+    rgba = np.zeros((20, 30, 4), dtype=np.uint8)
+    rgba[:, :15] = (10, 20, 30, 255)  # left half opaque, right half fully transparent
+    (tmp_path / "images").mkdir()
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "images" / "alpha.png")
+
+    image, _ = one_image_dataset(tmp_path, "alpha.png", height=20, width=30, bbox=[1, 1, 5, 5])[0]
+
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 20, 30)
+    assert (image[:, :, :15] == torch.tensor([10, 20, 30], dtype=torch.uint8)[:, None, None]).all()
+    assert (image[:, :, 15:] == 255).all()
+
+
+def test_corrupt_image_is_one_line_naming_the_uri_and_reason(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "images" / "whole.jpg")
+    data = (tmp_path / "images" / "whole.jpg").read_bytes()
+    (tmp_path / "images" / "cut.jpg").write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(CocoFormatError) as error:
+        one_image_dataset(tmp_path, "cut.jpg", height=48, width=64, bbox=[1, 1, 5, 5])[0]
+
+    assert str(error.value) == f"{tmp_path / 'images' / 'cut.jpg'}: not a decodable image (truncated JPEG)"
