@@ -4,12 +4,74 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .config import DetrConfig
+
+# torchvision's block type and blocks per stage for each trunk DETR can use.
+_RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
+            "resnet50": ("bottleneck", [3, 4, 6, 3]), "resnet101": ("bottleneck", [3, 4, 23, 3])}
+
+
+def conv_frozen_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))`` for a frozen batch norm, computed as one convolution with scaled weights and a bias.
+
+    A frozen norm is a per-channel affine map, so it folds exactly into the convolution before it;
+    doing so on every call (the weights still train) saves the norm's elementwise passes over the
+    activations, forward and backward. ``norm`` is ``nn.Identity`` once :func:`detr.optimize_for_inference`
+    has folded it for good.
+    """
+    if not isinstance(norm, FrozenBatchNorm2d):
+        return _convolve(conv, x, conv.weight, conv.bias)
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # [C_out]
+    bias = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return _convolve(conv, x, conv.weight * scale[:, None, None, None], bias)
+
+
+def _convolve(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv``'s convolution with the given weights.
+
+    On CPU a 1x1, stride-1 convolution is given dilation 2: one kernel tap has no neighbours to
+    spread, so the result is the same, but PyTorch then runs it with oneDNN, which it otherwise
+    skips for 1x1 convolutions on one thread (a Ray worker with one CPU) in favour of a BLAS
+    path that was 2.1-2.5x slower forward and 1.5-2.5x slower forward + backward on ResNet-50's
+    1x1 shapes (AMD EPYC, AVX-512; benchmarks/RESULTS.md). GPUs keep the convolution as it is.
+    """
+    dilation = conv.dilation
+    if x.device.type == "cpu" and conv.kernel_size == (1, 1) and conv.stride == (1, 1):
+        dilation = (2, 2)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, dilation, conv.groups)
+
+
+class FrozenNormBasicBlock(BasicBlock):
+    """torchvision's ``BasicBlock`` (same parameters and names) with its norms folded by :func:`conv_frozen_norm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(conv_frozen_norm(self.conv1, self.bn1, x))
+        out = conv_frozen_norm(self.conv2, self.bn2, out)
+        out += _shortcut(self.downsample, x)  # in place, as torchvision does: no new activation-sized tensor
+        return self.relu(out)
+
+
+class FrozenNormBottleneck(Bottleneck):
+    """torchvision's ``Bottleneck`` (same parameters and names) with its norms folded by :func:`conv_frozen_norm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(conv_frozen_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_frozen_norm(self.conv2, self.bn2, out))
+        out = conv_frozen_norm(self.conv3, self.bn3, out)
+        out += _shortcut(self.downsample, x)  # in place, as torchvision does: no new activation-sized tensor
+        return self.relu(out)
+
+
+def _shortcut(downsample: nn.Sequential | None, x: Tensor) -> Tensor:
+    """The residual branch: ``x``, or the ``Sequential(conv, norm)`` projection of it."""
+    return x if downsample is None else conv_frozen_norm(downsample[0], downsample[1], x)
 
 
 class Backbone(nn.Module):
@@ -21,10 +83,10 @@ class Backbone(nn.Module):
 
     def __init__(self, config: DetrConfig) -> None:
         super().__init__()
-        resnet = getattr(torchvision.models, config.backbone)(
-            weights=None,
-            replace_stride_with_dilation=[False, False, config.dilation],
-            norm_layer=FrozenBatchNorm2d,
+        block, layers = _RESNETS[config.backbone]
+        resnet = ResNet(
+            FrozenNormBottleneck if block == "bottleneck" else FrozenNormBasicBlock, layers,
+            replace_stride_with_dilation=[False, False, config.dilation], norm_layer=FrozenBatchNorm2d,
         )
         for name, parameter in resnet.named_parameters():
             if not name.startswith(("layer2", "layer3", "layer4")):

@@ -54,6 +54,42 @@ def test_boxes_are_normalized_and_gradients_reach_the_backbone():
     assert model.backbone.body.conv1.weight.grad is None, "the stem stays frozen, as in DETR"
 
 
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_backbone_folds_frozen_norms_exactly_forward_and_backward(backbone):
+    """Our blocks apply each frozen batch norm by scaling the convolution weights; outputs and the
+    trained weights' gradients must equal torchvision's plain conv -> norm blocks."""
+    import torchvision
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from detr.backbone import Backbone
+
+    generator = torch.Generator().manual_seed(0)
+    ours = Backbone(detr.DetrConfig(backbone=backbone))
+    state = ours.state_dict()
+    for key, value in state.items():  # non-trivial statistics, so a wrong fold would show
+        if "running_var" in key:
+            value.copy_(torch.rand(value.shape, generator=generator) + 0.5)
+        elif "running_mean" in key or key.endswith(".bias"):
+            value.copy_(torch.randn(value.shape, generator=generator) * 0.1)
+    ours.load_state_dict(state)
+    ours.double()  # float64, so any difference left is the fold's, not rounding's
+    plain = getattr(torchvision.models, backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
+    plain.load_state_dict({k.removeprefix("body."): v for k, v in state.items()}, strict=False)
+    plain = IntermediateLayerGetter(plain, return_layers={"layer4": "0"}).double()
+    pixels = torch.randn(2, 3, 96, 128, generator=generator, dtype=torch.float64)
+    features = ours.body(pixels)["0"]
+    expected = plain(pixels)["0"]
+    torch.testing.assert_close(features, expected, atol=1e-9, rtol=1e-9)
+    features.square().sum().backward()
+    expected.square().sum().backward()
+    trained = dict(plain.named_parameters())
+    for name, parameter in ours.body.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, trained[name].grad, atol=1e-6, rtol=1e-9, msg=name)
+
+
 @pytest.mark.parametrize(
     "pixel_values, pixel_mask, message",
     [
