@@ -12,11 +12,13 @@
    starting workers and loading the weights into the actor; the steady-state rate is the
    difference of the two runs, (10N - N) images / (T(10N) - T(N)), in which that fixed
    start-up cancels.
-3. Memory: for both runs, the largest sum, over the job's process tree (driver, GCS, raylet
-   with its object store, dashboard, workers and actors), of proportional set size (PSS),
-   sampled every 0.25 s: PSS charges shared pages (the object store's shared memory, shared
-   libraries) once across processes, where RSS would count them in every process that maps
-   them.
+3. Memory: two more runs of N and 10 x N, watched for the largest sum, over the job's process
+   tree (driver, GCS, raylet with its object store, dashboard, workers and actors), of
+   proportional set size (PSS), sampled every 0.25 s: PSS charges shared pages (the object
+   store's shared memory, shared libraries) once across processes, where RSS would count them
+   in every process that maps them. Reading PSS walks every page table (~60 ms of CPU per
+   sample for a Ray cluster), which would take a sixth of a core from a 2-core job, so the
+   throughput runs only read CPU times (~2 ms per sample, every 0.5 s).
 4. CPU time, because a shared machine's load moves wall-clock figures: the model actor's
    images per CPU-second (difference of the two runs) against the model alone's
    (``time.process_time``), and the CPU time of the whole job's process tree.
@@ -47,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import detr  # noqa: E402
+from jobs.annotate import CPU_BATCH_SIZE  # noqa: E402
 from jobs.detector import Detector, DetectorConfig  # noqa: E402
 from jobs.image_decoding import prepare_images  # noqa: E402
 
@@ -63,9 +66,10 @@ class ModelRun:
 class JobRun:
     images: int
     seconds: float  # the job's own measure (write start to end: actor start-up included)
-    peak_pss_bytes: int
+    peak_pss_bytes: int | None  # None: a throughput run, memory not sampled
     actor_cpu_seconds: float  # CPU time of the model actor process (weights loading included)
     tree_cpu_seconds: float  # CPU time of the whole job: driver, Ray daemons, decode and write workers, actor
+    cpu_by_process: dict[str, float]  # CPU seconds by kind of process (the first words of its command line)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=10, help="the second run uses scale x N images")
     parser.add_argument("--min-size", type=int, default=320, help="resize rule (DETR's own is 800/1333)")
     parser.add_argument("--max-size", type=int, default=533)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE,
+                        help="images per model call, for the job and the bare model (default: the job's CPU default)")
     parser.add_argument("--work-dir", default=None, help="where images and outputs go (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -110,7 +115,8 @@ def model_only(weights: str, folder: Path, args: argparse.Namespace, threads: in
                     prepared.num_rows / (time.process_time() - started_cpu))
 
 
-def run_job(folder: Path, output: Path, weights: str, args: argparse.Namespace) -> JobRun:
+def run_job(folder: Path, output: Path, weights: str, args: argparse.Namespace, *, memory: bool) -> JobRun:
+    """One ``python -m jobs.annotate`` run; ``memory`` samples PSS (costly), otherwise only CPU times."""
     command = [
         sys.executable, "-m", "jobs.annotate", str(folder), str(output), "--weights", weights,
         "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--batch-size", str(args.batch_size),
@@ -121,9 +127,10 @@ def run_job(folder: Path, output: Path, weights: str, args: argparse.Namespace) 
         peak, cpu = 0, {}
         while job.poll() is None:
             members = process_tree(job.pid)
-            peak = max(peak, tree_pss(members))
+            if memory:
+                peak = max(peak, tree_pss(members))
             cpu.update(cpu_seconds(members))
-            time.sleep(0.25)
+            time.sleep(0.25 if memory else 0.5)
         log.seek(0)
         text = log.read().decode(errors="replace")
     if job.returncode != 0:
@@ -132,7 +139,23 @@ def run_job(folder: Path, output: Path, weights: str, args: argparse.Namespace) 
     seconds = float(summary.split(" over ")[1].split(" s")[0])
     rows = sum(pq.read_metadata(p).num_rows for p in output.glob("*.parquet"))
     actor_cpu = sum(seconds for name, seconds in cpu.values() if "MapBatches(Detector)" in name)
-    return JobRun(rows, seconds, peak, actor_cpu, sum(seconds for _, seconds in cpu.values()))
+    by_process: dict[str, float] = {}
+    for name, cpu_time in cpu.values():
+        kind = process_kind(name)
+        by_process[kind] = by_process.get(kind, 0.0) + cpu_time
+    return JobRun(rows, seconds, peak if memory else None, actor_cpu, sum(t for _, t in cpu.values()), by_process)
+
+
+def process_kind(command_line: str) -> str:
+    """A short name for a process of the job: Ray's daemons by executable, workers by what they ran."""
+    words = command_line.split()
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0]
+    if "-m" in words and words[words.index("-m") + 1:]:
+        return words[words.index("-m") + 1]
+    return Path(words[0]).name if not words[0].endswith("python") else Path(words[1]).name if len(words) > 1 else "python"
 
 
 def process_tree(pid: int) -> set[int]:
@@ -202,11 +225,13 @@ def main(args: argparse.Namespace) -> None:
     # Other work on a shared machine shifts every figure: measure the model between and
     # around the job runs and compare against the median.
     model = [model_only(weights, small, args, threads)]
-    run_n = run_job(small, work / "out-n", weights, args)
+    run_n = run_job(small, work / "out-n", weights, args, memory=False)
     model.append(model_only(weights, small, args, threads))
-    run_10n = run_job(large, work / "out-10n", weights, args)
+    run_10n = run_job(large, work / "out-10n", weights, args, memory=False)
     model.append(model_only(weights, small, args, threads))
     model_all_cores = model_only(weights, small, args, os.cpu_count() or 1)
+    memory_n = run_job(small, work / "mem-n", weights, args, memory=True)
+    memory_10n = run_job(large, work / "mem-10n", weights, args, memory=True)
 
     reference = float(np.median([m.images_per_second for m in model]))
     reference_cpu = float(np.median([m.images_per_cpu_second for m in model]))
@@ -217,12 +242,17 @@ def main(args: argparse.Namespace) -> None:
           f"with all {os.cpu_count()} cores: {model_all_cores.images_per_second:.2f} img/s")
     for name, run in (("N", run_n), (f"{args.scale}xN", run_10n)):
         print(f"end to end, {name} = {run.images} images: job summary {run.images / run.seconds:.2f} img/s "
-              f"over {run.seconds:.1f} s, peak PSS {run.peak_pss_bytes / 2**30:.2f} GiB, CPU time: actor "
-              f"{run.actor_cpu_seconds:.0f} s, whole job {run.tree_cpu_seconds:.0f} s")
+              f"over {run.seconds:.1f} s, CPU time: actor {run.actor_cpu_seconds:.0f} s, whole job "
+              f"{run.tree_cpu_seconds:.0f} s")
+    busiest = sorted(run_10n.cpu_by_process.items(), key=lambda item: -item[1])[:8]
+    print(f"CPU seconds by process, {args.scale}xN run: " + ", ".join(f"{k} {v:.1f}" for k, v in busiest))
     print(f"end to end, steady state: {steady:.2f} img/s; model actor: {actor_cpu:.2f} img per CPU-second")
     print(f"ratio end to end (steady) / model only, wall clock: {steady / reference:.2f} (goal >= 0.9)")
     print(f"ratio actor / model only, per CPU-second: {actor_cpu / reference_cpu:.2f}")
-    print(f"ratio peak memory {args.scale}xN / N: {run_10n.peak_pss_bytes / run_n.peak_pss_bytes:.2f} (goal <= 1.2)")
+    assert memory_n.peak_pss_bytes and memory_10n.peak_pss_bytes
+    print(f"peak PSS (separate runs): N {memory_n.peak_pss_bytes / 2**30:.2f} GiB, {args.scale}xN "
+          f"{memory_10n.peak_pss_bytes / 2**30:.2f} GiB; ratio {memory_10n.peak_pss_bytes / memory_n.peak_pss_bytes:.2f}"
+          f" (goal <= 1.2)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -45,6 +45,11 @@ if TYPE_CHECKING:  # Ray is imported when the job runs, so --help and argument e
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 DEFAULT_OUTPUT = "./detr-ray-output"
+# Images per model call when --batch-size is not given. On CPU, 4 amortizes each call's
+# share of the pipeline's per-task work better than 2 (end to end 0.95 vs 0.88 of the bare
+# model on 2 cores, benchmarks/RESULTS.md) while the aspect grouping keeps padding small.
+CPU_BATCH_SIZE = 4
+GPU_BATCH_SIZE = 16
 # Model batches per block of URIs, the unit of work of a decode task: enough images
 # (GPU default: 64, ~1 s of decoding) that task overhead is noise, few enough that decoding
 # spreads over all CPUs even for a few hundred images.
@@ -134,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.7,
                         help="keep detections with a class probability above this")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per model call (default: 16 on GPU, 4 on CPU); split further by aspect ratio")
+                        help=f"images per model call (default: {GPU_BATCH_SIZE} on GPU, {CPU_BATCH_SIZE} on CPU); "
+                             "split further by aspect ratio")
     parser.add_argument("--actors", default=None,
                         help="model actors: N for a fixed pool or MIN,MAX to autoscale "
                              "(default: one per GPU on a GPU cluster, else 1)")
@@ -274,7 +280,7 @@ def plan_actors(args: argparse.Namespace, nodes: list[dict]) -> ActorPlan:
             f"{min_actors} actor(s) x {cpus:g} CPUs leave none of the cluster's {total_cpus:g} CPUs for reading and "
             "decoding images: lower --actors or --cpus-per-actor"
         )
-    batch_size = args.batch_size if args.batch_size is not None else (16 if gpus > 0 else 4)
+    batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH_SIZE if gpus > 0 else CPU_BATCH_SIZE)
     return ActorPlan(min_actors, max_actors, cpus, gpus, batch_size)
 
 

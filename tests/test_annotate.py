@@ -27,7 +27,7 @@ from PIL import Image
 import detr
 from jobs.annotate import AnnotateError, main, parse_args, parse_actors, plan_actors, run_cli
 from jobs.coco_export import CocoExportError, export_coco_results
-from jobs.detector import OUTPUT_SCHEMA, Detector, DetectorConfig, aspect_groups
+from jobs.detector import OUTPUT_SCHEMA, Detector, DetectorConfig, HeapTrimmer, aspect_groups
 from jobs.image_decoding import decode_image, prepare_images
 from jobs.image_source import filesystem_for
 
@@ -394,3 +394,28 @@ def test_aspect_groups_keep_orientations_apart():
     assert sorted(i for g in groups for i in g) == list(range(5))
     assert sorted(sorted(g) for g in groups) == [[0, 2, 4], [1, 3]]
     assert aspect_groups([(100, 100)] * 3) == [[0, 1, 2]]
+
+
+def test_heap_is_trimmed_only_after_growing_past_the_allowance():
+    resident = [1000]
+    trimmed = []
+    trimmer = HeapTrimmer(slack_bytes=100, resident_bytes=lambda: resident[0], trim=lambda: trimmed.append(resident[0]))
+    trimmer()  # the first batch sets the baseline
+    resident[0] = 1100
+    trimmer()  # grown by exactly the allowance: no trim
+    resident[0] = 1101
+    trimmer()
+    assert trimmed == [1000, 1101]
+    resident[0] = 1150
+    trimmer()
+    assert trimmer.trims == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_heap_trimmer_trims_this_process_for_real():
+    trimmer = HeapTrimmer()
+    garbage = [bytes(1000) for _ in range(100_000)]  # ~100 MB of small heap blocks, then freed
+    del garbage
+    trimmer()
+    trimmer()  # no growth since: no second trim
+    assert trimmer.trims == 1
