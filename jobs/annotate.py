@@ -114,6 +114,14 @@ class Summary:
         )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default, except where it is None: those help texts explain the
+    default the job works out from the cluster, and "(default: None)" would contradict them."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.annotate",
@@ -125,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "Exit codes: 0 done, 1 --fail-on-error stopped at a bad image, 2 unusable arguments, input or weights. "
             "COCO results JSON from OUTPUT: python -m jobs.coco_export OUTPUT ANNOTATIONS.json RESULTS.json."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("input", nargs="?", default=str(SAMPLE_IMAGES),
                         help="folder or prefix URI read recursively (local path, file://, s3://, gs://), or a manifest "

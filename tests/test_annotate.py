@@ -341,6 +341,8 @@ def test_usage_errors_are_one_line(tmp_path, tiny_checkpoint, capsys):
     for flag in ("--weights", "--threshold", "--batch-size", "--actors", "--gpus-per-actor", "--precision",
                  "--max-size", "--min-size", "--limit", "--render", "--fail-on-error", "jobs.coco_export"):
         assert flag in help_text
+    # Fixed defaults are shown; computed ones are explained in words, not shown as "None".
+    assert "(default: 0.7)" in help_text and "default: None" not in help_text
 
 
 def test_detector_batches_equal_single_image_calls(tiny_checkpoint, tmp_path):
