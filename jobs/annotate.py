@@ -122,7 +122,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The job's command line (also read by the cluster manifests' tests)."""
     parser = argparse.ArgumentParser(
         prog="python -m jobs.annotate",
         description="Detect objects in every image under INPUT with DETR on a Ray cluster and write Parquet to OUTPUT.",
@@ -175,7 +176,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fail-on-error", action="store_true",
                         help="stop the job (exit 1) at the first image that cannot be read or decoded, "
                              "instead of writing an error row")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None)."""
+    return build_parser().parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> Summary:

@@ -108,7 +108,8 @@ def export_coco_results(output_uri: str, annotations_uri: str, results_uri: str)
     return ExportSummary(images, unmatched, errors, detections)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The job's command line (also read by the cluster manifests' tests)."""
     parser = argparse.ArgumentParser(
         prog="python -m jobs.coco_export",
         description="Turn the Parquet files of `python -m jobs.annotate` into a COCO results JSON "
@@ -118,7 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("annotations",
                         help="COCO annotations JSON URI (instances_*.json) whose images[].file_name to match")
     parser.add_argument("results", help="URI of the results JSON to write")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None)."""
+    return build_parser().parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> ExportSummary:

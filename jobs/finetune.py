@@ -45,7 +45,8 @@ class FinetuneInputError(ValueError):
     """A bad flag value or input file; printed as one line, exit status 2."""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The job's command line (also read by the cluster manifests' tests)."""
     p = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n")[0])
     data = p.add_argument_group("data")
     data.add_argument("--train-images", required=True, help="folder URI of the training images")
@@ -94,7 +95,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker")
     run.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from (-1: unlimited)")
     run.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (best by val AP, plus the latest)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None)."""
+    return build_parser().parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -32,8 +32,8 @@ JOIN_RULE = (
 )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The job's command line (also read by the cluster manifests' tests)."""
     parser = argparse.ArgumentParser(
         prog="python -m jobs.score",
         description="COCO bbox AP of predictions against COCO ground truth, equal to pycocotools' COCOeval. "
@@ -57,7 +57,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="score every ground-truth image, as pycocotools does, counting images without predictions as "
         "having no detections (default: score only the images that have a prediction)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None)."""
+    return build_parser().parse_args(argv)
 
 
 def build_report(

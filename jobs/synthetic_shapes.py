@@ -139,7 +139,8 @@ def generate(output_uri: str, num_images: int, seed: int = 0, config: ShapesConf
     return coco
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The job's command line (also read by the cluster manifests' tests)."""
     parser = argparse.ArgumentParser(prog="python -m jobs.synthetic_shapes", description=__doc__.split("\n")[0])
     parser.add_argument("output", help="output folder URI (local path, s3://..., any fsspec URI)")
     parser.add_argument("--images", type=int, default=200, help="number of images to draw")
@@ -148,7 +149,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-object-size", type=int, default=ShapesConfig.min_object_size, help="smallest shape side")
     parser.add_argument("--max-object-size", type=int, default=ShapesConfig.max_object_size, help="largest shape side")
     parser.add_argument("--max-objects", type=int, default=ShapesConfig.max_objects, help="most shapes in one image")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv[1:]`` when ``argv`` is None)."""
+    return build_parser().parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> dict:

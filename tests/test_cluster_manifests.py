@@ -63,27 +63,9 @@ RAYJOBS = _rayjob_paths()
 # --- the jobs' argument parsers -------------------------------------------------------------
 
 
-class _ParserCaptured(Exception):
-    pass
-
-
 def job_parser(module: ModuleType) -> argparse.ArgumentParser:
-    """The ArgumentParser behind ``module.parse_args``: ``build_parser()`` when the job has one,
-    else the parser ``parse_args`` builds, caught at its ``parse_args`` call."""
-    build = getattr(module, "build_parser", None)
-    if build is not None:
-        return build()
-    captured: list[argparse.ArgumentParser] = []
-
-    def capture(self: argparse.ArgumentParser, args=None, namespace=None):
-        captured.append(self)
-        raise _ParserCaptured
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
-        with pytest.raises(_ParserCaptured):
-            module.parse_args([])
-    return captured[0]
+    """The ArgumentParser behind ``module.parse_args``."""
+    return module.build_parser()
 
 
 def parse_entrypoint(command: str) -> tuple[ModuleType, list[str], argparse.Namespace]:
