@@ -1,8 +1,16 @@
 """Resolving a weights ``source`` to a local file: short names, fsspec URLs, an on-disk cache.
 
 Remote files are downloaded once into the cache (``$DETR_RAY_CACHE``, default
-``~/.cache/detr-ray``), written atomically, and verified: the official DETR file names carry
-the first 8 hex digits of their SHA-256, and a download is rejected when they disagree.
+``~/.cache/detr-ray``), written atomically, and verified before they are kept:
+
+* the official DETR file names carry the first 8 hex digits of their SHA-256;
+* Hugging Face hub files (``hf://ORG/REPO``, resolved against ``$HF_ENDPOINT``, default
+  ``https://huggingface.co``) are checked against the SHA-256 the hub sends in its headers, and
+  refused when it sends none;
+* other URLs (``s3://``, ``gs://``, plain ``https://``) are trusted as their store serves them.
+
+A download that fails, or disagrees with its checksum, raises a one-line
+:class:`WeightsUnavailableError` and leaves nothing in the cache.
 """
 
 from __future__ import annotations
@@ -11,13 +19,18 @@ import hashlib
 import os
 import re
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 
 import fsspec
 
 _FB = "https://dl.fbaipublicfiles.com/detr"
-_HUB = "https://huggingface.co/{repo}/resolve/main/model.safetensors"
+_HUB_DEFAULT = "https://huggingface.co"
+_HUB_FILE = "{endpoint}/{repo}/resolve/main/model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -42,12 +55,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DETR_RAY_CACHE", Path.home() / ".cache" / "detr-ray"))
 
 
+def hub_endpoint() -> str:
+    """The hub or its mirror: ``$HF_ENDPOINT``, the variable huggingface_hub reads too."""
+    return os.environ.get("HF_ENDPOINT", _HUB_DEFAULT).rstrip("/")
+
+
 def resolve_url(source: str) -> str:
     """Short names and ``hf://org/repo`` to download URLs; anything else is returned as is."""
     if source in SHORT_NAMES:
         return SHORT_NAMES[source].url
     if source.startswith("hf://"):
-        return _HUB.format(repo=source[len("hf://"):].strip("/"))
+        return _HUB_FILE.format(endpoint=hub_endpoint(), repo=source[len("hf://"):].strip("/"))
     if "://" not in source and not Path(source).exists() and re.fullmatch(r"detr-[\w-]+", source):
         raise ValueError(f"unknown weights name {source!r}; known names: {sorted(SHORT_NAMES)} or hf://ORG/REPO")
     return source
@@ -79,7 +97,16 @@ def expected_sha256_prefix(url: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _is_hub(url: str) -> bool:
+    # By URL, not by ``hf://``: a resolve URL pasted from the hub's page is verified the same way.
+    return url.startswith((hub_endpoint() + "/", _HUB_DEFAULT + "/")) and "/resolve/" in url
+
+
 def _download(url: str, destination: Path) -> None:
+    if _is_hub(url):
+        expected = _hub_sha256(url, destination)
+    else:
+        expected = expected_sha256_prefix(url)  # None: trusted as served (s3://, gs://, ...)
     destination.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     with tempfile.NamedTemporaryFile(dir=destination.parent, delete=False) as tmp:
@@ -92,18 +119,59 @@ def _download(url: str, destination: Path) -> None:
                     tmp.write(chunk)
         except Exception as error:  # noqa: BLE001 - any failure means "not available", say why
             os.unlink(tmp.name)
-            reason = _reason(error)
-            raise WeightsUnavailableError(
-                f"cannot download weights from {url} ({reason}); when offline, download it elsewhere "
-                f"and pass the local file (e.g. --weights /path/to/{Path(url).name}) or put it at {destination}"
-            ) from None
-    prefix = expected_sha256_prefix(url)
-    if prefix and not digest.hexdigest().startswith(prefix):
+            raise _unavailable(url, destination, error) from None
+    if expected and not digest.hexdigest().startswith(expected):
         os.unlink(tmp.name)
         raise WeightsUnavailableError(
-            f"checksum mismatch for {url}: sha256 {digest.hexdigest()[:12]}..., expected {prefix}..."
+            f"checksum mismatch for {url}: sha256 {digest.hexdigest()[:12]}..., expected {expected[:12]}..."
         )
     os.replace(tmp.name, destination)
+
+
+def _hub_sha256(url: str, destination: Path) -> str:
+    """The SHA-256 the hub vouches for: ``X-Linked-Etag`` on its redirect to the LFS blob (read
+    before following it), else a 64-hex ``ETag``; a 40-hex ETag is a git blob sha1, not a checksum.
+    Other redirects (a renamed repo answers with one) are followed until an answer carries it."""
+    target = url
+    try:
+        for _ in range(5):
+            status, headers = _head(target)
+            for value in (headers.get("X-Linked-Etag"), headers.get("ETag")):
+                if match := re.fullmatch(r'(?:W/)?"?([0-9a-f]{64})"?', (value or "").strip(), re.IGNORECASE):
+                    return match.group(1).lower()
+            if not 300 <= status < 400 or "Location" not in headers:
+                break
+            target = urllib.parse.urljoin(target, headers["Location"])
+    except Exception as error:  # noqa: BLE001 - offline or refused: the same one-line message
+        raise _unavailable(url, destination, error) from None
+    raise WeightsUnavailableError(
+        f"cannot verify weights from {url}: the hub sent no SHA-256 for it, so it was not cached; "
+        f"download it yourself and pass the local file (e.g. --weights /path/to/{Path(url).name})"
+    )
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # the checksum is on the redirect itself, not on the CDN's answer
+
+
+def _head(url: str) -> tuple[int, Message]:
+    """Status and headers of a HEAD request, redirects not followed."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, method="HEAD"), timeout=60) as response:
+            return response.status, response.headers
+    except urllib.error.HTTPError as error:
+        if 300 <= error.code < 400:
+            return error.code, error.headers
+        raise
+
+
+def _unavailable(url: str, destination: Path, error: BaseException) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"cannot download weights from {url} ({_reason(error)}); when offline, download it elsewhere "
+        f"and pass the local file (e.g. --weights /path/to/{Path(url).name}) or put it at {destination}"
+    )
 
 
 def _reason(error: BaseException) -> str:

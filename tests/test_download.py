@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import threading
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,6 +25,54 @@ def http_folder(tmp_path):
     thread.start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A loopback stand-in for the hub, reached as ``hf://org/repo`` through ``HF_ENDPOINT``: the
+    resolve path answers 302 (with ``X-Linked-Etag`` when ``hub.sha256`` is set, as the hub does
+    for LFS files) to a blob path that serves ``hub.data`` with a git-sha1-like ETag."""
+    hub = SimpleNamespace(data=b"", sha256=None, requests=[])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self._answer(body=False)
+
+        def do_GET(self):
+            self._answer(body=True)
+
+        def _answer(self, body):
+            hub.requests.append((self.command, self.path))
+            if self.path == "/org/repo/resolve/main/model.safetensors":
+                self.send_response(302)
+                self.send_header("Location", "/blobs/model.safetensors")
+                if hub.sha256:
+                    self.send_header("X-Linked-Etag", f'"{hub.sha256}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif self.path == "/blobs/model.safetensors":
+                self.send_response(200)
+                self.send_header("ETag", f'"{hashlib.sha1(hub.data).hexdigest()}"')  # 40 hex: not a sha256
+                self.send_header("Content-Length", str(len(hub.data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(hub.data)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}/")
+    monkeypatch.setenv("DETR_RAY_CACHE", str(tmp_path / "cache"))
+    yield hub
+    server.shutdown()
+
+
+def _cached_files(tmp_path):
+    return [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
 def test_short_names_resolve_to_the_official_files():
@@ -71,3 +120,47 @@ def test_offline_without_cache_fails_with_one_line_naming_url(http_folder, tmp_p
 def test_missing_local_file():
     with pytest.raises(WeightsUnavailableError, match="weights file not found: /nonexistent/x.pth"):
         detr.from_pretrained("/nonexistent/x.pth")
+
+
+def test_hub_download_is_checked_against_the_linked_etag_and_cached(fake_hub, tmp_path, reference_r50):
+    _, hub_file, _ = reference_r50
+    fake_hub.data = hub_file.read_bytes()
+    fake_hub.sha256 = hashlib.sha256(fake_hub.data).hexdigest()
+    cached = local_path("hf://org/repo")
+    assert cached.read_bytes() == fake_hub.data
+    assert ("HEAD", "/org/repo/resolve/main/model.safetensors") in fake_hub.requests
+    fake_hub.requests.clear()  # the second call is served from the cache alone
+    assert detr.from_pretrained("hf://org/repo").config.backbone == "resnet50"
+    assert local_path("hf://org/repo") == cached and fake_hub.requests == []
+
+
+def test_hub_checksum_mismatch_is_rejected_and_not_cached(fake_hub, tmp_path):
+    fake_hub.data = b"tampered weights"
+    fake_hub.sha256 = hashlib.sha256(b"the real weights").hexdigest()
+    with pytest.raises(WeightsUnavailableError) as error:
+        local_path("hf://org/repo")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("checksum mismatch for http://127.0.0.1:")
+    assert f"expected {fake_hub.sha256[:12]}..." in message and not _cached_files(tmp_path)
+
+
+def test_hub_file_without_a_sha256_is_refused_not_cached(fake_hub, tmp_path):
+    fake_hub.data = b"small non-LFS file"
+    with pytest.raises(WeightsUnavailableError) as error:
+        local_path("hf://org/repo")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("cannot verify weights from http://127.0.0.1:")
+    assert "/org/repo/resolve/main/model.safetensors" in message and "--weights" in message
+    assert not _cached_files(tmp_path) and all(method == "HEAD" for method, _ in fake_hub.requests)
+
+
+def test_hub_offline_fails_with_one_line_naming_url(tmp_path, monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.setenv("DETR_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(WeightsUnavailableError) as error:
+        local_path("hf://org/repo")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("cannot download weights from http://127.0.0.1:")
+    assert "/org/repo/resolve/main/model.safetensors" in message and "--weights" in message
