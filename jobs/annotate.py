@@ -90,6 +90,7 @@ class ActorPlan:
     cpus_per_actor: float
     gpus_per_actor: float
     batch_size: int
+    wait_for_actors_s: float = 0.0  # > 0: the pool's first actors may wait this long for nodes to join
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: one per GPU on a GPU cluster, else 1)")
     parser.add_argument("--gpus-per-actor", type=float, default=None,
                         help="GPUs per model actor, fractions allowed "
-                             "(default: 1 when the cluster has GPUs, else 0: CPU inference)")
+                             "(default: 1 when the cluster has GPUs or --wait-for-gpus is given, else 0: CPU inference)")
+    parser.add_argument("--wait-for-gpus", type=float, default=0.0, metavar="SECONDS",
+                        help="for clusters whose GPU workers start on demand (KubeRay minReplicas 0, autoscaling "
+                             "node types): accept GPU actors although no GPU node is up yet, and fail if the "
+                             "first actors have not started (node added, weights loaded) within SECONDS; "
+                             "0 = GPUs must be up when the job starts")
     parser.add_argument("--cpus-per-actor", type=float, default=None,
                         help="CPUs reserved per model actor; torch uses that many threads (default: 1 with GPUs; "
                              "on CPU, all CPUs of the largest node but one, which is left to reading and decoding)")
@@ -211,6 +217,12 @@ def main(args: argparse.Namespace) -> Summary:
             path, filesystem=filesystem, schema=OUTPUT_SCHEMA, filename_provider=RunFilenames(run_id),
             min_rows_per_file=args.rows_per_file,
         )
+    except ray.exceptions.GetTimeoutError:
+        raise AnnotateError(
+            f"no model actor started within --wait-for-gpus {args.wait_for_gpus:g} s: no node with "
+            f"{plan.gpus_per_actor:g} GPU(s) joined (check the cluster's GPU node type and its limits) or loading "
+            "the weights took longer; nothing was written"
+        ) from None
     except Exception as error:  # noqa: BLE001 - find our own error inside Ray's wrappers
         bad_image = _bad_image_reason(error)
         if bad_image is None:
@@ -237,6 +249,8 @@ def build_dataset(
     inputs = ray.data.from_items([{"input": args.input}])
     context = inputs.context  # a copy owned by this job's datasets: the settings below stay here
     context.target_max_block_size = BLOCK_BYTES
+    if plan.wait_for_actors_s > 0:  # start the pool first and give up after the wait, instead of hanging
+        context.wait_for_min_actors_s = plan.wait_for_actors_s
     image_bytes = 3 * args.min_size * args.max_size  # the most a resized image can hold
     queue_bytes = QUEUED_BLOCKS_PER_ACTOR * plan.max_actors * block_rows * image_bytes
     context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
@@ -269,33 +283,41 @@ def build_dataset(
 
 def plan_actors(args: argparse.Namespace, nodes: list[dict]) -> ActorPlan:
     """Defaults for the model stage from the cluster's nodes (``ray.nodes()``), checked so the
-    job cannot stall waiting for resources that do not exist."""
+    job cannot stall waiting for resources that do not exist - unless ``--wait-for-gpus`` says
+    the autoscaler will add them, in which case the wait is bounded instead."""
     alive = [node["Resources"] for node in nodes if node.get("Alive", True)]
     total_gpus = sum(r.get("GPU", 0) for r in alive)
     node_cpus = max((r.get("CPU", 0) for r in alive), default=0)
     total_cpus = sum(r.get("CPU", 0) for r in alive)
-    gpus = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if total_gpus > 0 else 0.0)
-    if gpus < 0 or (gpus > 0 and gpus > max((r.get("GPU", 0) for r in alive), default=0)):
+    waiting = args.wait_for_gpus > 0
+    default_gpus = 1.0 if total_gpus > 0 or waiting else 0.0
+    gpus = args.gpus_per_actor if args.gpus_per_actor is not None else default_gpus
+    gpus_up = gpus <= max((r.get("GPU", 0) for r in alive), default=0)
+    if gpus < 0 or (gpus > 0 and not gpus_up and not waiting):
         raise AnnotateError(
-            f"--gpus-per-actor {gpus:g}: no node of this cluster has that many GPUs ({total_gpus:g} in all)"
+            f"--gpus-per-actor {gpus:g}: no node of this cluster has that many GPUs ({total_gpus:g} in all); "
+            "if the autoscaler adds GPU nodes on demand, pass --wait-for-gpus SECONDS"
         )
     cpus = args.cpus_per_actor if args.cpus_per_actor is not None else (1.0 if gpus > 0 else max(1.0, node_cpus - 1))
-    if cpus <= 0 or cpus > node_cpus:
-        raise AnnotateError(
-            f"--cpus-per-actor {cpus:g}: must be > 0 and fit on one node (largest has {node_cpus:g} CPUs)"
-        )
     if args.actors is None:
         count = max(1, int(total_gpus // gpus)) if gpus > 0 else 1
         min_actors = max_actors = count
     else:
         min_actors, max_actors = parse_actors(args.actors)
-    if min_actors * cpus >= total_cpus:
-        raise AnnotateError(
-            f"{min_actors} actor(s) x {cpus:g} CPUs leave none of the cluster's {total_cpus:g} CPUs for reading and "
-            "decoding images: lower --actors or --cpus-per-actor"
-        )
+    if gpus == 0 or gpus_up:  # nodes yet to join bring their own CPUs: nothing to check them against
+        if cpus <= 0 or cpus > node_cpus:
+            raise AnnotateError(
+                f"--cpus-per-actor {cpus:g}: must be > 0 and fit on one node (largest has {node_cpus:g} CPUs)"
+            )
+        if min_actors * cpus >= total_cpus:
+            raise AnnotateError(
+                f"{min_actors} actor(s) x {cpus:g} CPUs leave none of the cluster's {total_cpus:g} CPUs for reading "
+                "and decoding images: lower --actors or --cpus-per-actor"
+            )
+    elif cpus <= 0:
+        raise AnnotateError(f"--cpus-per-actor {cpus:g}: must be > 0")
     batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH_SIZE if gpus > 0 else CPU_BATCH_SIZE)
-    return ActorPlan(min_actors, max_actors, cpus, gpus, batch_size)
+    return ActorPlan(min_actors, max_actors, cpus, gpus, batch_size, args.wait_for_gpus if gpus > 0 else 0.0)
 
 
 def parse_actors(text: str) -> tuple[int, int]:
@@ -322,6 +344,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise AnnotateError(f"need 1 <= --min-size <= --max-size, got {args.min_size} and {args.max_size}")
     if not _extensions(args):
         raise AnnotateError(f"--extensions {args.extensions!r}: no extension given")
+    if args.wait_for_gpus < 0:
+        raise AnnotateError(f"--wait-for-gpus must be >= 0 seconds, got {args.wait_for_gpus:g}")
     if args.render is not None and (not args.render[0].isdigit() or int(args.render[0]) < 1):
         raise AnnotateError(f"--render N DIR: N must be a positive integer, got {args.render[0]!r}")
 

@@ -388,6 +388,35 @@ def test_actor_plan_defaults_fit_the_cluster():
         plan_actors(parse_args(["--actors", "2", "--cpus-per-actor", "1"]), _nodes({"CPU": 2.0}))
     with pytest.raises(AnnotateError, match="--gpus-per-actor 1: no node"):
         plan_actors(parse_args(["--gpus-per-actor", "1"]), _nodes({"CPU": 2.0}))
+    assert plan_actors(defaults, _nodes({"CPU": 2.0})).wait_for_actors_s == 0
+
+
+def test_gpu_actors_may_wait_for_an_autoscaler_to_add_gpu_nodes():
+    # A KubeRay cluster whose GPU group starts at zero replicas: only the head (no CPUs for tasks) is up.
+    head_only = _nodes({"CPU": 0.0})
+    plan = plan_actors(parse_args(["--wait-for-gpus", "900", "--actors", "1,4"]), head_only)
+    assert (plan.gpus_per_actor, plan.cpus_per_actor, plan.min_actors, plan.max_actors) == (1.0, 1.0, 1, 4)
+    assert plan.wait_for_actors_s == 900 and plan.batch_size == 16
+    with pytest.raises(AnnotateError, match="pass --wait-for-gpus SECONDS"):
+        plan_actors(parse_args(["--gpus-per-actor", "1"]), head_only)
+    # Asked for CPU inference, nothing waits.
+    cpu = plan_actors(parse_args(["--wait-for-gpus", "900", "--gpus-per-actor", "0"]), _nodes({"CPU": 4.0}))
+    assert cpu.wait_for_actors_s == 0 and cpu.gpus_per_actor == 0
+
+
+def test_gpu_that_never_joins_fails_after_the_wait_with_one_line(ray_cluster, tmp_path, tiny_checkpoint, capsys):
+    """The test cluster has no GPU and no autoscaler: the wait must end in a clear error, not a hang."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 48), "red").save(images / "a.jpg")
+    started = time.monotonic()
+    status = run_cli([str(images), str(tmp_path / "out"), "--weights", tiny_checkpoint, "--wait-for-gpus", "3"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    ours = [line for line in err.splitlines() if line.startswith("annotate: ")]  # Ray logs to stderr too
+    assert len(ours) == 1 and ours[0].startswith("annotate: error: no model actor started within --wait-for-gpus 3 s")
+    assert time.monotonic() - started < 120
+    assert not list((tmp_path / "out").rglob("*.parquet"))
 
 
 def test_aspect_groups_keep_orientations_apart():
