@@ -2,6 +2,7 @@
 
     python benchmarks/bench_model.py                     # CPU fp32, 800x1066, batch 1 and 4
     python benchmarks/bench_model.py --batch-sizes 1 8 32 --device cuda --dtype bf16
+    python benchmarks/bench_model.py --threads 1 --batch-sizes 1 --repeats 3   # as one CPU annotate actor
 
 Both models get the same random weights (written by transformers' save_pretrained, loaded by
 detr.from_pretrained) and the same inputs. Timings alternate between the two models so that
@@ -37,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="autocast dtype (fp32: none)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on CPU (default: torch's; 1 = an annotate actor with 1 CPU)")
     return parser.parse_args(argv)
 
 
@@ -55,6 +58,8 @@ def _time(fn, device: str) -> float:
 
 def main(args: argparse.Namespace) -> None:
     device, dtype = args.device, DTYPES[args.dtype]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     reference = reference_model(seed=0)
     with tempfile.TemporaryDirectory() as folder:
         ours = detr.optimize_for_inference(detr.from_pretrained(str(write_hub_layout(reference, Path(folder)))))
