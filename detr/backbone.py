@@ -78,7 +78,9 @@ class Backbone(nn.Module):
     """torchvision ResNet up to ``layer4`` (C5, stride 32, or 16 with ``dilation``).
 
     Batch-norm statistics and affine parameters are frozen, as in DETR: detection batches are
-    too small to re-estimate them. The stem and ``layer1`` are not trained either.
+    too small to re-estimate them. The stem and ``layer1`` are not trained either. The residual
+    blocks are torchvision's with a forward pass that folds those norms into their convolutions
+    (:func:`conv_frozen_norm`): same parameter names, so checkpoints load unchanged, same results.
     """
 
     def __init__(self, config: DetrConfig) -> None:
