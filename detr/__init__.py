@@ -17,10 +17,10 @@ from .inference import optimize_for_inference
 from .matcher import HungarianMatcher
 from .model import DETR
 from .postprocess import detection_records, postprocess
-from .preprocess import ImageBatch, collate, preprocess, resize_image, resized_shape
+from .preprocess import ImageBatch, collate, preprocess, resize_image, resize_to, resized_shape
 
 __all__ = [
     "COCO_CATEGORIES", "Category", "CheckpointError", "DETR", "DetrConfig", "HungarianMatcher", "ImageBatch",
     "SetCriterion", "WeightsUnavailableError", "collate", "detection_records", "from_pretrained", "optimize_for_inference", "postprocess",
-    "preprocess", "resize_image", "resized_shape", "save_pretrained",
+    "preprocess", "resize_image", "resize_to", "resized_shape", "save_pretrained",
 ]

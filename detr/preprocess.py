@@ -72,8 +72,14 @@ def to_chw_uint8(image: ImageLike) -> Tensor:
 def resize_image(image: ImageLike, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE) -> Tensor:
     """uint8 Tensor[3, h, w] resized by :func:`resized_shape` (bilinear, antialiased)."""
     chw = to_chw_uint8(image)
-    shape = resized_shape(chw.shape[1], chw.shape[2], min_size, max_size)
-    if shape == tuple(chw.shape[1:]):
+    return resize_to(chw, resized_shape(chw.shape[1], chw.shape[2], min_size, max_size))
+
+
+def resize_to(image: ImageLike, shape: tuple[int, int]) -> Tensor:
+    """uint8 Tensor[3, h, w] of the given (h, w), resized the way :func:`resize_image` does (for
+    callers that computed the shape from a larger original, e.g. a JPEG decoded at reduced scale)."""
+    chw = to_chw_uint8(image)
+    if tuple(shape) == tuple(chw.shape[1:]):
         return chw
     return TF.resize(chw, list(shape), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 

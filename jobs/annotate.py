@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--render", nargs=2, default=None, metavar=("N", "DIR"),
                         help="also draw boxes, labels and scores on the first N annotated images "
                              "as PNGs under DIR (a URI)")
+    parser.add_argument("--full-jpeg-decode", action="store_true",
+                        help="decode every pixel of large JPEGs before resizing, as DetrImageProcessor does; by "
+                             "default a JPEG at least twice the model's input size is decoded at 1/2-1/8 scale "
+                             "(~6x faster for 12-megapixel photos, ~0.2/255 mean pixel difference)")
     parser.add_argument("--fail-on-error", action="store_true",
                         help="stop the job (exit 1) at the first image that cannot be read or decoded, "
                              "instead of writing an error row")
@@ -267,7 +271,8 @@ def build_dataset(
         images = images.limit(args.limit)
     prepared = images.repartition(target_num_rows_per_block=block_rows).map_batches(
         prepare_images, batch_size=None, batch_format="pyarrow", num_cpus=1, memory=DECODE_MEMORY,
-        fn_kwargs={"min_size": args.min_size, "max_size": args.max_size, "fail_on_error": args.fail_on_error},
+        fn_kwargs={"min_size": args.min_size, "max_size": args.max_size, "fail_on_error": args.fail_on_error,
+                   "reduced_jpeg": not args.full_jpeg_decode},
     )
     return prepared.map_batches(
         Detector, fn_constructor_args=(detector,), batch_size=plan.batch_size, batch_format="pyarrow",

@@ -339,7 +339,8 @@ def test_usage_errors_are_one_line(tmp_path, tiny_checkpoint, capsys):
         parse_args(["--help"])
     help_text = capsys.readouterr().out
     for flag in ("--weights", "--threshold", "--batch-size", "--actors", "--gpus-per-actor", "--precision",
-                 "--max-size", "--min-size", "--limit", "--render", "--fail-on-error", "jobs.coco_export"):
+                 "--max-size", "--min-size", "--limit", "--render", "--fail-on-error", "--full-jpeg-decode",
+                 "--wait-for-gpus", "jobs.coco_export"):
         assert flag in help_text
     # Fixed defaults are shown; computed ones are explained in words, not shown as "None".
     assert "(default: 0.7)" in help_text and "default: None" not in help_text

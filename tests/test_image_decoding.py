@@ -9,10 +9,11 @@ import zlib
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 import detr
-from jobs.image_decoding import PREPARED_SCHEMA, ImageDecodeError, decode_image, prepare_images
+from jobs.image_decoding import PREPARED_SCHEMA, ImageDecodeError, decode_image, decode_resized, prepare_images
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -183,3 +184,53 @@ def test_prepare_images_resizes_and_keeps_one_row_per_uri(tmp_path):
     assert empty["error"] == "empty file"
     with pytest.raises(ImageDecodeError, match=r"missing\.jpg: unreadable: "):
         prepare_images(pa.table({"uri": uris}), min_size=32, max_size=64, fail_on_error=True)
+
+
+def photo(height: int, width: int, seed: int = 0) -> Image.Image:
+    """A photo-like image: smooth gradients, a few sharp-edged blocks and mild noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=2)
+    for _ in range(6):
+        top, left = rng.integers(0, height * 3 // 4), rng.integers(0, width * 3 // 4)
+        base[top:top + height // 5, left:left + width // 5] = rng.integers(0, 256, 3)
+    return Image.fromarray(np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8))
+
+
+def full_decode_resized(data: bytes, min_size: int, max_size: int):
+    rgb = decode_image(data)
+    return detr.resize_image(rgb, min_size, max_size), rgb.shape[:2]
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_close_to_a_full_decode():
+    data = encode(photo(1200, 1600), "JPEG", quality=92)
+    resized, size = decode_resized(data, min_size=200, max_size=333)
+    expected, expected_size = full_decode_resized(data, 200, 333)
+    assert size == expected_size == (1200, 1600)  # boxes are reported in the full image's pixels
+    assert resized.shape == expected.shape == (3, 200, 266)
+    difference = (resized.float() - expected.float()).abs()
+    assert 0 < difference.mean() < 1.5, "a 6x reduction decodes at 1/4 scale: close, not identical"
+    exact, _ = decode_resized(data, min_size=200, max_size=333, reduced_jpeg=False)
+    assert torch.equal(exact, expected)
+
+
+def test_reduced_scale_follows_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    data = encode(photo(1200, 1600, seed=1), "JPEG", quality=92, exif=exif)
+    resized, size = decode_resized(data, min_size=200, max_size=333)
+    expected, expected_size = full_decode_resized(data, 200, 333)
+    assert size == expected_size == (1600, 1200)
+    assert resized.shape == expected.shape == (3, 266, 200)
+    assert (resized.float() - expected.float()).abs().mean() < 1.5
+
+
+@pytest.mark.parametrize("case", ["png", "small-jpeg"])
+def test_other_images_decode_exactly_as_a_full_decode(case):
+    if case == "png":
+        data, (min_size, max_size) = encode(photo(600, 800), "PNG"), (100, 200)
+    else:  # shrinks by less than half: nothing to gain from a reduced decode
+        data, (min_size, max_size) = encode(photo(600, 800), "JPEG"), (400, 600)
+    resized, size = decode_resized(data, min_size=min_size, max_size=max_size)
+    expected, expected_size = full_decode_resized(data, min_size, max_size)
+    assert size == expected_size and torch.equal(resized, expected)
