@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import detr  # noqa: E402
-from jobs.annotate import CPU_BATCH_SIZE  # noqa: E402
+from jobs.actor_plan import CPU_BATCH_SIZE  # noqa: E402
 from jobs.detector import Detector, DetectorConfig  # noqa: E402
 from jobs.image_decoding import prepare_images  # noqa: E402
 

@@ -33,23 +33,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import detr
+from jobs.actor_plan import CPU_BATCH_SIZE, GPU_BATCH_SIZE, ActorPlan, ActorPlanError, plan_actors
 from jobs.detector import OUTPUT_SCHEMA, Detector, DetectorConfig, PRECISIONS
-from jobs.image_decoding import ImageDecodeError, decode_image, prepare_images
+from jobs.image_decoding import ImageDecodeError, prepare_images
 from jobs.image_source import (
     DEFAULT_EXTENSIONS, ImageSourceError, arrow_filesystem, check_input, completed_uris, filesystem_for,
     list_image_uris,
 )
+from jobs.render import render_detections
 
 if TYPE_CHECKING:  # Ray is imported when the job runs, so --help and argument errors stay instant
     import ray
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 DEFAULT_OUTPUT = "./detr-ray-output"
-# Images per model call when --batch-size is not given. On CPU, 4 amortizes each call's
-# share of the pipeline's per-task work better than 2 (end to end 0.95 vs 0.88 of the bare
-# model on 2 cores, benchmarks/RESULTS.md) while the aspect grouping keeps padding small.
-CPU_BATCH_SIZE = 4
-GPU_BATCH_SIZE = 16
 # Model batches per block of URIs, the unit of work of a decode task: enough images
 # (GPU default: 64, ~1 s of decoding) that task overhead is noise, few enough that decoding
 # spreads over all CPUs even for a few hundred images.
@@ -79,18 +76,6 @@ class AnnotateError(ValueError):
 
 class BadImageError(RuntimeError):
     """``--fail-on-error`` stopped the job at an image that could not be annotated."""
-
-
-@dataclass(frozen=True)
-class ActorPlan:
-    """How the model stage is laid out on the cluster."""
-
-    min_actors: int
-    max_actors: int
-    cpus_per_actor: float
-    gpus_per_actor: float
-    batch_size: int
-    wait_for_actors_s: float = 0.0  # > 0: the pool's first actors may wait this long for nodes to join
 
 
 @dataclass(frozen=True)
@@ -235,7 +220,7 @@ def main(args: argparse.Namespace) -> Summary:
     summary = summarize(args.output, run_id, skipped=len(done) if done is not None else 0,
                         seconds=time.perf_counter() - started)
     if args.render:
-        render_detections(args.output, run_id, int(args.render[0]), args.render[1])
+        render_detections(*_run_files(args.output, run_id), int(args.render[0]), args.render[1])
     return summary
 
 
@@ -284,58 +269,6 @@ def build_dataset(
         # retries are safe here because decode already bounds what reaches an actor
         # (at most max-size^2 pixels per image, bombs rejected).
     )
-
-
-def plan_actors(args: argparse.Namespace, nodes: list[dict]) -> ActorPlan:
-    """Defaults for the model stage from the cluster's nodes (``ray.nodes()``), checked so the
-    job cannot stall waiting for resources that do not exist - unless ``--wait-for-gpus`` says
-    the autoscaler will add them, in which case the wait is bounded instead."""
-    alive = [node["Resources"] for node in nodes if node.get("Alive", True)]
-    total_gpus = sum(r.get("GPU", 0) for r in alive)
-    node_cpus = max((r.get("CPU", 0) for r in alive), default=0)
-    total_cpus = sum(r.get("CPU", 0) for r in alive)
-    waiting = args.wait_for_gpus > 0
-    default_gpus = 1.0 if total_gpus > 0 or waiting else 0.0
-    gpus = args.gpus_per_actor if args.gpus_per_actor is not None else default_gpus
-    gpus_up = gpus <= max((r.get("GPU", 0) for r in alive), default=0)
-    if gpus < 0 or (gpus > 0 and not gpus_up and not waiting):
-        raise AnnotateError(
-            f"--gpus-per-actor {gpus:g}: no node of this cluster has that many GPUs ({total_gpus:g} in all); "
-            "if the autoscaler adds GPU nodes on demand, pass --wait-for-gpus SECONDS"
-        )
-    cpus = args.cpus_per_actor if args.cpus_per_actor is not None else (1.0 if gpus > 0 else max(1.0, node_cpus - 1))
-    if args.actors is None:
-        count = max(1, int(total_gpus // gpus)) if gpus > 0 else 1
-        min_actors = max_actors = count
-    else:
-        min_actors, max_actors = parse_actors(args.actors)
-    if gpus == 0 or gpus_up:  # nodes yet to join bring their own CPUs: nothing to check them against
-        if cpus <= 0 or cpus > node_cpus:
-            raise AnnotateError(
-                f"--cpus-per-actor {cpus:g}: must be > 0 and fit on one node (largest has {node_cpus:g} CPUs)"
-            )
-        if min_actors * cpus >= total_cpus:
-            raise AnnotateError(
-                f"{min_actors} actor(s) x {cpus:g} CPUs leave none of the cluster's {total_cpus:g} CPUs for reading "
-                "and decoding images: lower --actors or --cpus-per-actor"
-            )
-    elif cpus <= 0:
-        raise AnnotateError(f"--cpus-per-actor {cpus:g}: must be > 0")
-    batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH_SIZE if gpus > 0 else CPU_BATCH_SIZE)
-    return ActorPlan(min_actors, max_actors, cpus, gpus, batch_size, args.wait_for_gpus if gpus > 0 else 0.0)
-
-
-def parse_actors(text: str) -> tuple[int, int]:
-    """``N`` -> (N, N); ``MIN,MAX`` -> (MIN, MAX)."""
-    try:
-        parts = [int(p) for p in text.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or parts[0] < 1 or parts[1] < parts[0]:
-        raise AnnotateError(f"--actors {text!r}: expected N or MIN,MAX with 1 <= MIN <= MAX")
-    return parts[0], parts[1]
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -397,41 +330,6 @@ def summarize(output: str, run_id: str, *, skipped: int, seconds: float) -> Summ
     return Summary(output, run_id, images, errors, detections, skipped, seconds)
 
 
-def render_detections(output: str, run_id: str, count: int, destination: str) -> list[str]:
-    """Draw this run's first ``count`` successful rows as PNGs (boxes, labels, scores) under ``destination``."""
-    from PIL import Image, ImageDraw
-
-    from jobs.image_source import read_objects
-
-    fs, files = _run_files(output, run_id)
-    out_fs, out_root = filesystem_for(destination)
-    out_fs.makedirs(out_root, exist_ok=True)
-    written: list[str] = []
-    for path in files:
-        with fs.open(path, "rb") as stream:
-            rows = pq.read_table(stream, columns=["uri", "detections", "error"]).to_pylist()
-        for row in rows:
-            if len(written) == count:
-                return written
-            if row["error"] is not None:
-                continue
-            content = read_objects([row["uri"]])[0]
-            if isinstance(content, Exception):
-                continue
-            image = Image.fromarray(decode_image(content))
-            draw = ImageDraw.Draw(image)
-            for detection in row["detections"]:
-                x0, y0, x1, y1 = detection["box"]
-                draw.rectangle([x0, y0, x1, y1], outline=(255, 40, 40), width=2)
-                draw.text((x0 + 3, y0 + 2), f"{detection['label']} {detection['score']:.2f}", fill=(255, 40, 40))
-            name = posixpath.splitext(posixpath.basename(row["uri"]))[0] + ".png"
-            target = posixpath.join(out_root, f"{len(written):04d}-{name}")
-            with out_fs.open(target, "wb") as stream:
-                image.save(stream, format="PNG")
-            written.append(out_fs.unstrip_protocol(target))
-    return written
-
-
 def run_cli(argv: list[str] | None = None) -> int:
     """``python -m jobs.annotate``: one summary line on success, one error line otherwise."""
     try:
@@ -439,7 +337,8 @@ def run_cli(argv: list[str] | None = None) -> int:
     except BadImageError as error:
         print(f"annotate: error: {error}", file=sys.stderr)
         return 1
-    except (AnnotateError, ImageSourceError, detr.WeightsUnavailableError, detr.CheckpointError) as error:
+    except (AnnotateError, ActorPlanError, ImageSourceError, detr.WeightsUnavailableError,
+            detr.CheckpointError) as error:
         print(f"annotate: error: {error}", file=sys.stderr)
         return 2
     print(summary.line())

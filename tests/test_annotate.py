@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 import detr
-from jobs.annotate import AnnotateError, main, parse_args, parse_actors, plan_actors, run_cli
+from jobs.actor_plan import ActorPlanError, parse_actors, plan_actors
+from jobs.annotate import main, parse_args, run_cli
 from jobs.coco_export import CocoExportError, export_coco_results
 from jobs.detector import OUTPUT_SCHEMA, Detector, DetectorConfig, HeapTrimmer, aspect_groups
 from jobs.image_decoding import decode_image, prepare_images
@@ -383,11 +384,11 @@ def test_actor_plan_defaults_fit_the_cluster():
     scaled = plan_actors(parse_args(["--actors", "2,6", "--gpus-per-actor", "0.5"]), _nodes({"CPU": 8.0, "GPU": 1.0}))
     assert (scaled.min_actors, scaled.max_actors, scaled.gpus_per_actor) == (2, 6, 0.5)
     assert parse_actors("3") == (3, 3)
-    with pytest.raises(AnnotateError, match="--actors '4,2': expected N or MIN,MAX"):
+    with pytest.raises(ActorPlanError, match="--actors '4,2': expected N or MIN,MAX"):
         parse_actors("4,2")
-    with pytest.raises(AnnotateError, match="leave none of the cluster's 2 CPUs"):
+    with pytest.raises(ActorPlanError, match="leave none of the cluster's 2 CPUs"):
         plan_actors(parse_args(["--actors", "2", "--cpus-per-actor", "1"]), _nodes({"CPU": 2.0}))
-    with pytest.raises(AnnotateError, match="--gpus-per-actor 1: no node"):
+    with pytest.raises(ActorPlanError, match="--gpus-per-actor 1: no node"):
         plan_actors(parse_args(["--gpus-per-actor", "1"]), _nodes({"CPU": 2.0}))
     assert plan_actors(defaults, _nodes({"CPU": 2.0})).wait_for_actors_s == 0
 
@@ -398,7 +399,7 @@ def test_gpu_actors_may_wait_for_an_autoscaler_to_add_gpu_nodes():
     plan = plan_actors(parse_args(["--wait-for-gpus", "900", "--actors", "1,4"]), head_only)
     assert (plan.gpus_per_actor, plan.cpus_per_actor, plan.min_actors, plan.max_actors) == (1.0, 1.0, 1, 4)
     assert plan.wait_for_actors_s == 900 and plan.batch_size == 16
-    with pytest.raises(AnnotateError, match="pass --wait-for-gpus SECONDS"):
+    with pytest.raises(ActorPlanError, match="pass --wait-for-gpus SECONDS"):
         plan_actors(parse_args(["--gpus-per-actor", "1"]), head_only)
     # Asked for CPU inference, nothing waits.
     cpu = plan_actors(parse_args(["--wait-for-gpus", "900", "--gpus-per-actor", "0"]), _nodes({"CPU": 4.0}))

@@ -218,9 +218,9 @@ def check_runtime_env_installs_project(runtime_env: dict, where: str) -> None:
 
 
 def annotate_gpus(args: argparse.Namespace, start: list[dict], most: list[dict]) -> None:
-    from jobs.annotate import plan_actors
+    from jobs.actor_plan import plan_actors
 
-    plan = plan_actors(args, start)  # raises AnnotateError where the job would refuse to start
+    plan = plan_actors(args, start)  # raises ActorPlanError where the job would refuse to start
     assert plan.gpus_per_actor > 0, "the annotate RayJob runs its model on CPU although it has GPU workers"
     needed = plan.max_actors * plan.gpus_per_actor
     assert needed <= total_gpus(most), f"--actors up to {plan.max_actors} need {needed:g} GPUs, maxReplicas give {total_gpus(most):g}"
