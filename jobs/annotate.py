@@ -7,8 +7,10 @@ The stream, with memory flat whatever the archive's size (no take_all, no materi
 
 1. list INPUT lazily in one task (:mod:`jobs.image_source`), minus what OUTPUT holds;
 2. read, decode (EXIF, RGB) and resize images in parallel CPU tasks (:mod:`jobs.image_decoding`);
-3. detect in an actor pool that loads the weights once per actor (:mod:`jobs.detector`);
-4. write Parquet files as blocks arrive, in the schema documented in :mod:`jobs.detector`.
+3. detect in an actor pool that loads the weights once per actor (:mod:`jobs.detector`), laid out
+   on the cluster by :mod:`jobs.actor_plan`;
+4. write Parquet files as blocks arrive, in the schema documented in :mod:`jobs.detector`
+   (``--render`` then draws a few of them: :mod:`jobs.render`).
 
 Resume: every run writes files named ``annotations-<run id>-...parquet``; a re-run with the
 same OUTPUT skips every URI already present in a complete file, so killing a job and
