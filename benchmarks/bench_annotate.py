@@ -49,9 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import detr  # noqa: E402
-from jobs.actor_plan import CPU_BATCH_SIZE  # noqa: E402
-from jobs.detector import Detector, DetectorConfig  # noqa: E402
-from jobs.image_decoding import prepare_images  # noqa: E402
+from jobs.annotate.decoding import prepare_images  # noqa: E402
+from jobs.annotate.detector import Detector, DetectorConfig  # noqa: E402
+from jobs.annotate.settings import CPU_BATCH_SIZE  # noqa: E402
 
 COCO_VAL = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
 
@@ -78,8 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=10, help="the second run uses scale x N images")
     parser.add_argument("--min-size", type=int, default=320, help="resize rule (DETR's own is 800/1333)")
     parser.add_argument("--max-size", type=int, default=533)
-    parser.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE,
-                        help="images per model call, for the job and the bare model (default: the job's CPU default)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=CPU_BATCH_SIZE,
+        help="images per model call, for the job and the bare model (default: the job's CPU default)",
+    )
     parser.add_argument("--work-dir", default=None, help="where images and outputs go (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -111,15 +115,27 @@ def model_only(weights: str, folder: Path, args: argparse.Namespace, threads: in
     started, started_cpu = time.perf_counter(), time.process_time()
     for start in range(0, prepared.num_rows, args.batch_size):
         detector(prepared.slice(start, args.batch_size))
-    return ModelRun(prepared.num_rows / (time.perf_counter() - started),
-                    prepared.num_rows / (time.process_time() - started_cpu))
+    return ModelRun(
+        prepared.num_rows / (time.perf_counter() - started), prepared.num_rows / (time.process_time() - started_cpu)
+    )
 
 
 def run_job(folder: Path, output: Path, weights: str, args: argparse.Namespace, *, memory: bool) -> JobRun:
     """One ``python -m jobs.annotate`` run; ``memory`` samples PSS (costly), otherwise only CPU times."""
     command = [
-        sys.executable, "-m", "jobs.annotate", str(folder), str(output), "--weights", weights,
-        "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--batch-size", str(args.batch_size),
+        sys.executable,
+        "-m",
+        "jobs.annotate",
+        str(folder),
+        str(output),
+        "--weights",
+        weights,
+        "--min-size",
+        str(args.min_size),
+        "--max-size",
+        str(args.max_size),
+        "--batch-size",
+        str(args.batch_size),
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local cluster every run
     with tempfile.TemporaryFile() as log:
@@ -153,9 +169,11 @@ def process_kind(command_line: str) -> str:
         return "?"
     if words[0].startswith("ray::"):
         return words[0]
-    if "-m" in words and words[words.index("-m") + 1:]:
+    if "-m" in words and words[words.index("-m") + 1 :]:
         return words[words.index("-m") + 1]
-    return Path(words[0]).name if not words[0].endswith("python") else Path(words[1]).name if len(words) > 1 else "python"
+    return (
+        Path(words[0]).name if not words[0].endswith("python") else Path(words[1]).name if len(words) > 1 else "python"
+    )
 
 
 def process_tree(pid: int) -> set[int]:
@@ -216,8 +234,10 @@ def main(args: argparse.Namespace) -> None:
     small, large = work / "images-n", work / "images-10n"
     make_folder(small, args.images)
     make_folder(large, args.images * args.scale)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{total_memory_gib():.0f} GiB, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{total_memory_gib():.0f} GiB, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}"
+    )
     source = "COCO val2017" if COCO_VAL.is_dir() else "synthetic"
     print(f"images: {source}, resized to {args.min_size}/{args.max_size}, batch size {args.batch_size}")
 
@@ -237,22 +257,28 @@ def main(args: argparse.Namespace) -> None:
     reference_cpu = float(np.median([m.images_per_cpu_second for m in model]))
     steady = (run_10n.images - run_n.images) / (run_10n.seconds - run_n.seconds)
     actor_cpu = (run_10n.images - run_n.images) / (run_10n.actor_cpu_seconds - run_n.actor_cpu_seconds)
-    print(f"model only ({threads} thread(s), as one actor): median {reference:.2f} img/s of "
-          f"{', '.join(f'{m.images_per_second:.2f}' for m in model)}; {reference_cpu:.2f} img per CPU-second; "
-          f"with all {os.cpu_count()} cores: {model_all_cores.images_per_second:.2f} img/s")
+    print(
+        f"model only ({threads} thread(s), as one actor): median {reference:.2f} img/s of "
+        f"{', '.join(f'{m.images_per_second:.2f}' for m in model)}; {reference_cpu:.2f} img per CPU-second; "
+        f"with all {os.cpu_count()} cores: {model_all_cores.images_per_second:.2f} img/s"
+    )
     for name, run in (("N", run_n), (f"{args.scale}xN", run_10n)):
-        print(f"end to end, {name} = {run.images} images: job summary {run.images / run.seconds:.2f} img/s "
-              f"over {run.seconds:.1f} s, CPU time: actor {run.actor_cpu_seconds:.0f} s, whole job "
-              f"{run.tree_cpu_seconds:.0f} s")
+        print(
+            f"end to end, {name} = {run.images} images: job summary {run.images / run.seconds:.2f} img/s "
+            f"over {run.seconds:.1f} s, CPU time: actor {run.actor_cpu_seconds:.0f} s, whole job "
+            f"{run.tree_cpu_seconds:.0f} s"
+        )
     busiest = sorted(run_10n.cpu_by_process.items(), key=lambda item: -item[1])[:8]
     print(f"CPU seconds by process, {args.scale}xN run: " + ", ".join(f"{k} {v:.1f}" for k, v in busiest))
     print(f"end to end, steady state: {steady:.2f} img/s; model actor: {actor_cpu:.2f} img per CPU-second")
     print(f"ratio end to end (steady) / model only, wall clock: {steady / reference:.2f} (goal >= 0.9)")
     print(f"ratio actor / model only, per CPU-second: {actor_cpu / reference_cpu:.2f}")
     assert memory_n.peak_pss_bytes and memory_10n.peak_pss_bytes
-    print(f"peak PSS (separate runs): N {memory_n.peak_pss_bytes / 2**30:.2f} GiB, {args.scale}xN "
-          f"{memory_10n.peak_pss_bytes / 2**30:.2f} GiB; ratio {memory_10n.peak_pss_bytes / memory_n.peak_pss_bytes:.2f}"
-          f" (goal <= 1.2)")
+    print(
+        f"peak PSS (separate runs): N {memory_n.peak_pss_bytes / 2**30:.2f} GiB, {args.scale}xN "
+        f"{memory_10n.peak_pss_bytes / 2**30:.2f} GiB; ratio {memory_10n.peak_pss_bytes / memory_n.peak_pss_bytes:.2f}"
+        f" (goal <= 1.2)"
+    )
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

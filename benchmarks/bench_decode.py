@@ -6,7 +6,7 @@ For each source size (a 640x480 COCO photo as stored, and the same photo upscale
 24 megapixels and re-encoded as JPEG quality 92, like a phone or camera picture) it times, in
 one process with one thread:
 
-* ``decode_resized``: what the annotate job runs (``jobs.image_decoding``): a JPEG that
+* ``decode_resized``: what the annotate job runs (``detr.image_decoding``): a JPEG that
   shrinks to half or less is decoded at libjpeg's reduced scale, then resized by DETR's rule;
 * the same with ``reduced_jpeg=False`` (``--full-jpeg-decode``): every pixel decoded first;
 * transformers' ``DetrImageProcessor`` (resize only, ``do_normalize=False`` and no padding,
@@ -32,7 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jobs.image_decoding import decode_resized  # noqa: E402
+from detr.image_decoding import decode_resized  # noqa: E402
 
 COCO_PHOTO = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017" / "000000000139.jpg"
 
@@ -74,16 +74,27 @@ def main(args: argparse.Namespace) -> None:
     from transformers import DetrImageProcessor
 
     torch.set_num_threads(1)
-    processor = DetrImageProcessor(size={"shortest_edge": args.min_size, "longest_edge": args.max_size},
-                                   do_normalize=False, do_rescale=False, do_pad=False)
+    processor = DetrImageProcessor(
+        size={"shortest_edge": args.min_size, "longest_edge": args.max_size},
+        do_normalize=False,
+        do_rescale=False,
+        do_pad=False,
+    )
     photo = source_photo()
-    print(f"{'COCO photo' if COCO_PHOTO.is_file() else 'synthetic photo'}; resize to {args.min_size}/{args.max_size}; "
-          f"1 thread; medians of {args.repeats}")
-    print("| source | ours (reduced JPEG decode) img/s | ours, --full-jpeg-decode img/s | DetrImageProcessor img/s "
-          "| ours vs processor | mean abs pixel difference reduced vs full |")
+    print(
+        f"{'COCO photo' if COCO_PHOTO.is_file() else 'synthetic photo'}; resize to {args.min_size}/{args.max_size}; "
+        f"1 thread; medians of {args.repeats}"
+    )
+    print(
+        "| source | ours (reduced JPEG decode) img/s | ours, --full-jpeg-decode img/s | DetrImageProcessor img/s "
+        "| ours vs processor | mean abs pixel difference reduced vs full |"
+    )
     print("|---|---|---|---|---|---|")
-    for label, size in (("640x480 (as stored)", None), ("4032x3024 (12 MP)", (4032, 3024)),
-                        ("5712x4284 (24 MP)", (5712, 4284))):
+    for label, size in (
+        ("640x480 (as stored)", None),
+        ("4032x3024 (12 MP)", (4032, 3024)),
+        ("5712x4284 (24 MP)", (5712, 4284)),
+    ):
         data = jpeg(photo, size) if size else COCO_PHOTO.read_bytes() if COCO_PHOTO.is_file() else jpeg(photo, None)
 
         def ours(reduced: bool, data: bytes = data):
@@ -96,8 +107,10 @@ def main(args: argparse.Namespace) -> None:
         full = median_seconds(lambda: ours(False), args.repeats)
         reference = median_seconds(peer, args.repeats)
         difference = (ours(True).float() - ours(False).float()).abs().mean().item()
-        print(f"| {label} | {1 / reduced:.1f} | {1 / full:.1f} | {1 / reference:.1f} | {reference / reduced:.2f}x "
-              f"| {difference:.2f} |")
+        print(
+            f"| {label} | {1 / reduced:.1f} | {1 / full:.1f} | {1 / reference:.1f} | {reference / reduced:.2f}x "
+            f"| {difference:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@
     python benchmarks/bench_finetune.py --device cuda --batch-size 8 --image-size 800
 
 One step = zero_grad, forward, loss (Hungarian matching for the last and every auxiliary decoder
-layer), backward, gradient clipping at 0.1 and an AdamW step - what jobs/training_loop.py does
+layer), backward, gradient clipping at 0.1 and an AdamW step - what jobs/finetune/engine.py does
 per batch, with its optimizer (fused AdamW); transformers steps with torch's default AdamW, as its
-users write it, and once more in channels-last with fused AdamW. Both models get the same random weights (transformers' save_pretrained, read back by
-detr.from_pretrained), the same configuration (aux losses, eos 0.1, loss/cost weights 1/5/2, no
-dropout, stem + layer1 frozen as in DETR) and the same inputs; the first step's losses are
+users write it, and once more in channels-last with fused AdamW. Both models get the same random
+weights (transformers' save_pretrained, read back by detr.from_pretrained), the same configuration
+(aux losses, eos 0.1, loss/cost weights 1/5/2, no dropout, stem + layer1 frozen as in DETR) and the
+same inputs; the first step's losses are
 compared to show the two compute the same thing. Timings alternate between the two models so
 that load from other processes hits both alike; medians of wall and process CPU time are
 reported (with one torch thread the CPU time does not depend on other processes' load).
@@ -35,10 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import detr  # noqa: E402
-from checkpoints import reference_model, write_hub_layout  # noqa: E402
 from detr.criterion import weighted_total  # noqa: E402
-from detr.categories import categories_to_list  # noqa: E402
-from jobs.training_loop import TrainSettings, build_model, build_optimizer, train_one_epoch  # noqa: E402
+from jobs.finetune.engine import build_optimizer, train_one_epoch  # noqa: E402
+from jobs.finetune.settings import FinetuneConfig  # noqa: E402
+from jobs.finetune.worker import TrainingSpec, build_model  # noqa: E402
+
+from checkpoints import reference_model, write_hub_layout  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,8 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="steps per model and round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = a Ray Train worker with 1 CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="autocast dtype of the forward pass, for both models (bf16: our --precision bf16)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="autocast dtype of the forward pass, for both models (bf16: our --precision bf16)",
+    )
     return parser.parse_args(argv)
 
 
@@ -95,7 +102,7 @@ def make_batch(args: argparse.Namespace, device: str):
     n = args.image_size
     pixel_values = torch.randn(args.batch_size, 3, n, n, generator=generator)
     pixel_mask = torch.ones(args.batch_size, n, n, dtype=torch.bool)
-    pixel_mask[1::2, :, n * 3 // 4:] = False  # every other image is N x 3N/4, padded as in a real batch
+    pixel_mask[1::2, :, n * 3 // 4 :] = False  # every other image is N x 3N/4, padded as in a real batch
     pixel_values[~pixel_mask[:, None].expand_as(pixel_values)] = 0
     targets = []
     for _ in range(args.batch_size):
@@ -106,8 +113,9 @@ def make_batch(args: argparse.Namespace, device: str):
     return pixel_values.to(device), pixel_mask.to(device), targets
 
 
-def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, pixel_values, pixel_mask, labels,
-                   autocast) -> float:
+def reference_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, pixel_values, pixel_mask, labels, autocast
+) -> float:
     """transformers' training step as its documentation writes it: the loss comes from ``labels=``."""
     optimizer.zero_grad(set_to_none=True)
     with autocast:
@@ -126,29 +134,47 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         loaded = detr.from_pretrained(str(write_hub_layout(reference, Path(folder))))
     config = dataclasses.replace(loaded.config, dropout=0.0)
-    # Our model as jobs/training_loop.py builds it, and one step = its train_one_epoch over one batch.
-    settings = TrainSettings("unused", "unused", config.to_dict(), categories_to_list(loaded.categories))
-    ours = build_model(settings, loaded.state_dict()).to(device)
-    matcher = TimedMatcher(detr.HungarianMatcher(1, 5, 2), args.device)
-    criterion = detr.SetCriterion(91, matcher, eos_coef=0.1).to(device)
+    # Our model as the finetune worker builds it, and one step = its train_one_epoch over one batch.
+    settings = FinetuneConfig("unused", "unused", "unused")
+    ours, criterion = build_model(TrainingSpec(settings, config, loaded.categories), loaded.state_dict())
+    ours, criterion = ours.to(device), criterion.to(device)
+    matcher = criterion.matcher = TimedMatcher(criterion.matcher, args.device)
     pixel_values, pixel_mask, targets = make_batch(args, args.device)
     labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
     reference_cl = copy.deepcopy(reference).to(memory_format=torch.channels_last)
     pixel_values_cl = pixel_values.contiguous(memory_format=torch.channels_last)
     # Ours steps with the job's optimizer (fused AdamW); the last peer row gets every non-model speed-up
     # ours has (channels-last, fused AdamW), to show what is left for the model code itself.
-    optimizers = {"ours": build_optimizer(ours, settings), "transformers": optimizer_for(reference),
-                  "transformers, channels-last + fused AdamW": optimizer_for(reference_cl, fused=True)}
+    optimizers = {
+        "ours": build_optimizer(ours, settings),
+        "transformers": optimizer_for(reference),
+        "transformers, channels-last + fused AdamW": optimizer_for(reference_cl, fused=True),
+    }
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     steps = {
-        "ours": lambda: train_one_epoch(ours, criterion, [(pixel_values, pixel_mask, targets)], optimizers["ours"],
-                                        settings, device, epoch=0, step=0, autocast=autocast)[0]["loss"],
+        "ours": lambda: train_one_epoch(
+            ours,
+            criterion,
+            [(pixel_values, pixel_mask, targets)],
+            optimizers["ours"],
+            settings,
+            device,
+            epoch=0,
+            step=0,
+            autocast=autocast,
+        )[0]["loss"],
         "transformers": lambda: reference_step(
-            reference, optimizers["transformers"], pixel_values, pixel_mask, labels, autocast),
+            reference, optimizers["transformers"], pixel_values, pixel_mask, labels, autocast
+        ),
         "transformers, channels-last + fused AdamW": lambda: reference_step(
-            reference_cl, optimizers["transformers, channels-last + fused AdamW"], pixel_values_cl, pixel_mask, labels,
-            autocast),
+            reference_cl,
+            optimizers["transformers, channels-last + fused AdamW"],
+            pixel_values_cl,
+            pixel_mask,
+            labels,
+            autocast,
+        ),
     }
     # Same function check: without aux losses both give the same loss (transformers 5.x with auxiliary_loss=True
     # feeds layer-normed states from layer to layer, unlike DETR, so its aux-loss outputs differ slightly).
@@ -176,24 +202,38 @@ def main(args: argparse.Namespace) -> None:
                 if name == "ours":
                     matcher_seconds.append(matcher.seconds)
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
-    print(f"device: {where}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPUs, load avg "
-          f"{os.getloadavg()[0]:.1f}; torch {torch.__version__}; DETR-R50 {args.precision}, batch {args.batch_size} of "
-          f"{args.image_size}x{args.image_size} (every other padded from {args.image_size}x{args.image_size * 3 // 4}), "
-          f"{args.objects} targets each, 6 decoder layers with aux losses; {args.rounds}x{args.steps} steps each")
+    where = (
+        torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
+    )
+    print(
+        f"device: {where}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPUs, load avg "
+        f"{os.getloadavg()[0]:.1f}; torch {torch.__version__}; DETR-R50 {args.precision}, batch {args.batch_size} of "
+        f"{args.image_size}x{args.image_size} (every other padded from {args.image_size}x{args.image_size * 3 // 4}), "
+        f"{args.objects} targets each, 6 decoder layers with aux losses; {args.rounds}x{args.steps} steps each"
+    )
     print(f"loss without aux terms, same weights and batch: ours {our_loss:.6f}, transformers {hf_loss:.6f}")
-    print("| model | step wall s (median) | img/s per worker (wall) | step CPU s (median) | img per CPU-second | ours vs this (CPU time) |")
+    print(
+        "| model | step wall s (median) | img/s per worker (wall) | step CPU s (median) | img per CPU-second "
+        "| ours vs this (CPU time) |"
+    )
     print("|---|---|---|---|---|---|")
     ours_cpu = statistics.median(cpu["ours"])
     for name in steps:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-        print(f"| {name} | {w:.3f} | {args.batch_size / w:.3f} | {c:.3f} | {args.batch_size / c:.3f} | {c / ours_cpu:.2f}x |")
+        print(
+            f"| {name} | {w:.3f} | {args.batch_size / w:.3f} | {c:.3f} | {args.batch_size / c:.3f} "
+            f"| {c / ours_cpu:.2f}x |"
+        )
     wall_ratio = statistics.median(wall["transformers"]) / statistics.median(wall["ours"])
     share = statistics.median(m / w for m, w in zip(matcher_seconds, wall["ours"]))
-    print(f"speed-up ours vs transformers as documented: {wall_ratio:.2f}x wall, "
-          f"{statistics.median(cpu['transformers']) / ours_cpu:.2f}x CPU time (goal >= 1.2x)")
-    print(f"matcher share of our step: {share:.1%} ({statistics.median(matcher_seconds) * 1000:.0f} ms of "
-          f"{statistics.median(wall['ours']) * 1000:.0f} ms, 6 matchings per step)")
+    print(
+        f"speed-up ours vs transformers as documented: {wall_ratio:.2f}x wall, "
+        f"{statistics.median(cpu['transformers']) / ours_cpu:.2f}x CPU time (goal >= 1.2x)"
+    )
+    print(
+        f"matcher share of our step: {share:.1%} ({statistics.median(matcher_seconds) * 1000:.0f} ms of "
+        f"{statistics.median(wall['ours']) * 1000:.0f} ms, 6 matchings per step)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import detr  # noqa: E402
+
 from checkpoints import reference_model, write_hub_layout  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,8 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="autocast dtype (fp32: none)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads on CPU (default: torch's; 1 = an annotate actor with 1 CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on CPU (default: torch's; 1 = an annotate actor with 1 CPU)",
+    )
     return parser.parse_args(argv)
 
 
@@ -64,18 +69,22 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         ours = detr.optimize_for_inference(detr.from_pretrained(str(write_hub_layout(reference, Path(folder)))))
     reference, ours = reference.to(device), ours.to(device)
-    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
     print(f"device: {name}; torch {torch.__version__}; input {args.height}x{args.width}; {args.dtype}")
     print("| batch | transformers img/s | detr-ray img/s | ratio | max |logit diff| | max |box diff| |")
     print("|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
         x = torch.randn(batch, 3, args.height, args.width, device=device)
         mask = torch.ones(batch, args.height, args.width, dtype=torch.bool, device=device)
-        mask[0, :, args.width * 3 // 4:] = False  # some padding, as in a real batch
+        mask[0, :, args.width * 3 // 4 :] = False  # some padding, as in a real batch
         autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
         with torch.inference_mode(), autocast:
-            run_ref = lambda: reference(pixel_values=x, pixel_mask=mask.long())  # noqa: E731
-            run_ours = lambda: ours(x, mask)  # noqa: E731
+            run_ref = lambda x=x, mask=mask: reference(pixel_values=x, pixel_mask=mask.long())  # noqa: E731
+            run_ours = lambda x=x, mask=mask: ours(x, mask)  # noqa: E731
             expected, got = run_ref(), run_ours()  # also the warm-up
             logit_diff = (expected.logits.float() - got["pred_logits"].float()).abs().max().item()
             box_diff = (expected.pred_boxes.float() - got["pred_boxes"].float()).abs().max().item()
@@ -85,7 +94,10 @@ def main(args: argparse.Namespace) -> None:
                 times_ours.append(_time(run_ours, device))
         ref_ips = batch / statistics.median(times_ref)
         our_ips = batch / statistics.median(times_ours)
-        print(f"| {batch} | {ref_ips:.2f} | {our_ips:.2f} | {our_ips / ref_ips:.2f}x | {logit_diff:.1e} | {box_diff:.1e} |")
+        print(
+            f"| {batch} | {ref_ips:.2f} | {our_ips:.2f} | {our_ips / ref_ips:.2f}x "
+            f"| {logit_diff:.1e} | {box_diff:.1e} |"
+        )
 
 
 if __name__ == "__main__":

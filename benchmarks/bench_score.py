@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from jobs.score import parse_args, score  # noqa: E402
+from jobs.score import main as score  # noqa: E402
+from jobs.score.settings import ScoreConfig  # noqa: E402
 
 # COCO's 80 category ids (1..90 with gaps), so category handling is realistic.
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -167,7 +168,7 @@ def time_reference(module: str, annotations: Path, results: Path) -> tuple[float
 
 def time_ours(predictions: Path, annotations: Path) -> tuple[float, list[float]]:
     start = time.perf_counter()
-    report = score(parse_args([str(predictions), str(annotations)]))
+    report = score(ScoreConfig(str(predictions), str(annotations))).report
     return time.perf_counter() - start, list(report["stats"].values())
 
 

@@ -12,8 +12,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from .config import DetrConfig
 
 # torchvision's block type and blocks per stage for each trunk DETR can use.
-_RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
-            "resnet50": ("bottleneck", [3, 4, 6, 3]), "resnet101": ("bottleneck", [3, 4, 23, 3])}
+_RESNETS = {
+    "resnet18": ("basic", [2, 2, 2, 2]),
+    "resnet34": ("basic", [3, 4, 6, 3]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3]),
+    "resnet101": ("bottleneck", [3, 4, 23, 3]),
+}
 
 
 def conv_frozen_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
@@ -38,9 +42,8 @@ def _convolve(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -
 
     On CPU a 1x1, stride-1 convolution is given dilation 2: one kernel tap has no neighbours to
     spread, so the result is the same, but PyTorch then runs it with oneDNN, which it otherwise
-    skips for 1x1 convolutions on one thread (a Ray worker with one CPU) in favour of a BLAS
-    path that was 2.1-2.5x slower forward and 1.5-2.5x slower forward + backward on ResNet-50's
-    1x1 shapes (AMD EPYC, AVX-512; benchmarks/RESULTS.md). GPUs keep the convolution as it is.
+    skips for 1x1 convolutions on one thread (a Ray worker with one CPU) in favour of a slower
+    BLAS path (figures in benchmarks/RESULTS.md). GPUs keep the convolution as it is.
     """
     dilation = conv.dilation
     if x.device.type == "cpu" and conv.kernel_size == (1, 1) and conv.stride == (1, 1):
@@ -87,8 +90,10 @@ class Backbone(nn.Module):
         super().__init__()
         block, layers = _RESNETS[config.backbone]
         resnet = ResNet(
-            FrozenNormBottleneck if block == "bottleneck" else FrozenNormBasicBlock, layers,
-            replace_stride_with_dilation=[False, False, config.dilation], norm_layer=FrozenBatchNorm2d,
+            FrozenNormBottleneck if block == "bottleneck" else FrozenNormBasicBlock,
+            layers,
+            replace_stride_with_dilation=[False, False, config.dilation],
+            norm_layer=FrozenBatchNorm2d,
         )
         for name, parameter in resnet.named_parameters():
             if not name.startswith(("layer2", "layer3", "layer4")):

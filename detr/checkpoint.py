@@ -17,8 +17,8 @@ import dataclasses
 import hashlib
 import io
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import fsspec
 import torch
@@ -27,8 +27,10 @@ from torch import Tensor
 
 from .categories import COCO_CATEGORIES, Category, categories_from_list, categories_to_list
 from .config import DetrConfig
-from .download import is_dilated, local_path
+from .download import local_path
+from .errors import one_line
 from .model import DETR
+from .weights import identified_by_sha256, registered
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -59,22 +61,23 @@ class CheckpointError(ValueError):
 def read_state(source: str) -> tuple[dict[str, Tensor], dict]:
     """Load a checkpoint file into ``(state_dict, extras)`` without executing pickled code.
 
-    ``extras`` holds ``config`` / ``categories`` when the file carries them.
+    ``extras`` holds ``config`` / ``categories`` when the file carries them, and ``sha256``: the
+    file's digest, by which official files are recognised whatever their name.
     """
     path = local_path(source)
     data = Path(path).read_bytes()
+    digest = {"sha256": hashlib.sha256(data).hexdigest()}
     if path.suffix == ".safetensors" or data[:1] == b"{" or _looks_like_safetensors(data):
-        return dict(load_safetensors(data)), {}
+        return dict(load_safetensors(data)), digest
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - report which file and why in one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{source}: not a loadable DETR checkpoint ({first})") from None
+        raise CheckpointError(f"{source}: not a loadable DETR checkpoint ({one_line(error)})") from None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         extras = {k: obj[k] for k in ("config", "categories") if k in obj}
-        return dict(obj["model"]), extras
+        return dict(obj["model"]), extras | digest
     if isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values()):
-        return dict(obj), {}
+        return dict(obj), digest
     raise CheckpointError(f"{source}: expected a state dict or a dict with a 'model' state dict")
 
 
@@ -97,7 +100,7 @@ def _strip_wrappers(key: str) -> str:
         changed = False
         for prefix in _WRAPPER_PREFIXES:
             if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
+                key, changed = key[len(prefix) :], True
     return key
 
 
@@ -168,17 +171,29 @@ def load_detr_state(model: DETR, state: Mapping[str, Tensor], *, skip_prefixes: 
             f"checkpoint does not match the model: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    wrong = [f"{k}: {tuple(given[k].shape)} vs expected {tuple(v.shape)}" for k, v in expected.items() if given[k].shape != v.shape]
+    wrong = [
+        f"{k}: {tuple(given[k].shape)} vs expected {tuple(v.shape)}"
+        for k, v in expected.items()
+        if given[k].shape != v.shape
+    ]
     if wrong:
         raise CheckpointError(f"checkpoint shapes do not match the model: {wrong[:5]}")
     model.load_state_dict(given, strict=not skip_prefixes)
 
 
 def from_pretrained(
-    source: str, *, num_classes: int | None = None, categories: Sequence[Category] | None = None,
+    source: str,
+    *,
+    num_classes: int | None = None,
+    categories: Sequence[Category] | None = None,
     dilation: bool | None = None,
 ) -> DETR:
     """A DETR in eval mode with the weights ``source`` names.
+
+    The architecture comes from, in order: the :mod:`detr.weights` registry (a short name such as
+    ``detr-r50-dc5``, an ``hf://`` repo, or an official file recognised by its SHA-256), the config
+    a :func:`save_pretrained` checkpoint carries, or the tensors themselves (then without dilation
+    unless ``dilation=True``: DC5 cannot be read off the weights).
 
     Args:
         source: a short name (``detr-r50``, ``detr-r50-dc5``, ``detr-r101``), ``hf://facebook/detr-resnet-50``,
@@ -187,15 +202,18 @@ def from_pretrained(
         num_classes: when it differs from the checkpoint's, everything but the class head is loaded
             and the class head is freshly initialized (the fine-tuning path).
         categories: class table for a new head (defaults to generic names).
-        dilation: DC5 variant; by default read from the checkpoint's config or the source's name.
+        dilation: DC5 variant, for checkpoints the registry does not know and that carry no config.
     """
     state, extras = read_state(source)
     state = to_detr_layout(state)
-    if "config" in extras:
+    entry = registered(source) or identified_by_sha256(extras["sha256"])
+    if entry is not None:
+        config, stored_categories = entry.config, entry.categories
+    elif "config" in extras:
         config = DetrConfig.from_dict(extras["config"])
+        stored_categories = categories_from_list(extras["categories"]) if "categories" in extras else None
     else:
-        config = infer_config(state, dilation=is_dilated(source) if dilation is None else dilation)
-    stored_categories = categories_from_list(extras["categories"]) if "categories" in extras else None
+        config, stored_categories = infer_config(state), None
     new_head = num_classes is not None and num_classes != config.num_classes
     overrides = {"dilation": dilation} if dilation is not None else {}
     if new_head:
@@ -211,9 +229,9 @@ def save_pretrained(model: DETR, destination: str) -> None:
     """Write ``model`` to ``destination`` (any fsspec URL) in the original layout, with its
     config and category table, loadable by :func:`from_pretrained`."""
     payload = {
-        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
-        "config": _unwrap(model).config.to_dict(),
-        "categories": categories_to_list(_unwrap(model).categories),
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "config": unwrap(model).config.to_dict(),
+        "categories": categories_to_list(unwrap(model).categories),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -221,7 +239,8 @@ def save_pretrained(model: DETR, destination: str) -> None:
         f.write(buffer.getvalue())
 
 
-def _unwrap(model: torch.nn.Module) -> DETR:
+def unwrap(model: torch.nn.Module) -> DETR:
+    """The DETR inside DistributedDataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while hasattr(model, "module"):
         model = model.module
     return getattr(model, "_orig_mod", model)

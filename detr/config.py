@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
@@ -44,10 +45,38 @@ class DetrConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "DetrConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> DetrConfig:
         """Build from a stored dict; unknown keys are an error that names them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown DetrConfig fields {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """DETR's set-prediction loss: matching costs, loss weights and the no-object weight.
+
+    Defaults are the DETR paper's (and transformers' ``DetrConfig``): class 1, L1 box 5, GIoU 2
+    for both matching and the loss. Auxiliary decoder layers reuse their base term's weight.
+    """
+
+    cost_class: float = 1.0  # matching: weight of -p(class)
+    cost_bbox: float = 5.0  # matching: weight of L1 between normalized cxcywh boxes
+    cost_giou: float = 2.0  # matching: weight of -GIoU
+    loss_ce: float = 1.0  # loss: cross entropy over K + 1 classes
+    loss_bbox: float = 5.0  # loss: L1 of matched boxes
+    loss_giou: float = 2.0  # loss: 1 - GIoU of matched boxes
+    eos_coef: float = 0.1  # cross-entropy weight of "no object" relative to the classes
+
+    def __post_init__(self) -> None:
+        if min(self.cost_class, self.cost_bbox, self.cost_giou, self.loss_ce, self.loss_bbox, self.loss_giou) < 0:
+            raise ValueError(f"loss and cost weights must not be negative, got {self}")
+        if self.eos_coef <= 0:  # 0 would make a batch without any match a 0/0 cross entropy
+            raise ValueError(f"eos_coef must be positive, got {self.eos_coef}")
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Weight per loss term name, as :func:`detr.criterion.weighted_total` takes them."""
+        return {"loss_ce": self.loss_ce, "loss_bbox": self.loss_bbox, "loss_giou": self.loss_giou}

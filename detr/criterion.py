@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from detr.config import LossConfig
 from detr.matcher import HungarianMatcher
 
-# The weights of the original DETR recipe (and of transformers' DetrConfig); aux terms reuse their base weight.
-DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = MappingProxyType({"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0})
+# The weights of the original DETR recipe; aux terms reuse their base weight.
+DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = MappingProxyType(LossConfig().loss_weights)
 
 _LAYER_SUFFIX = re.compile(r"_\d+$")
 
@@ -54,7 +55,7 @@ class SetCriterion(nn.Module):
         eos_coef: cross-entropy weight of the no-object class relative to the others.
     """
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, eos_coef: float = 0.1) -> None:
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, eos_coef: float = LossConfig.eos_coef) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")

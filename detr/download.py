@@ -22,29 +22,16 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 
 import fsspec
 
-_FB = "https://dl.fbaipublicfiles.com/detr"
+from .errors import one_line
+from .weights import SHORT_NAMES, registered
+
 _HUB_DEFAULT = "https://huggingface.co"
 _HUB_FILE = "{endpoint}/{repo}/resolve/main/model.safetensors"
-
-
-@dataclass(frozen=True)
-class KnownWeights:
-    url: str
-    dilation: bool  # DC5 variant: cannot be read off the weights, so the name carries it
-
-
-SHORT_NAMES: dict[str, KnownWeights] = {
-    "detr-r50": KnownWeights(f"{_FB}/detr-r50-e632da11.pth", False),
-    "detr-r50-dc5": KnownWeights(f"{_FB}/detr-r50-dc5-f0fb7ef5.pth", True),
-    "detr-r101": KnownWeights(f"{_FB}/detr-r101-2c7b67e5.pth", False),
-    "detr-r101-dc5": KnownWeights(f"{_FB}/detr-r101-dc5-a2e86def.pth", True),
-}
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -61,19 +48,17 @@ def hub_endpoint() -> str:
 
 
 def resolve_url(source: str) -> str:
-    """Short names and ``hf://org/repo`` to download URLs; anything else is returned as is."""
-    if source in SHORT_NAMES:
-        return SHORT_NAMES[source].url
+    """Registry names (:mod:`detr.weights`) and ``hf://org/repo`` to download URLs; anything else as is."""
+    entry = registered(source)
+    if entry is not None:
+        source = entry.source
     if source.startswith("hf://"):
-        return _HUB_FILE.format(endpoint=hub_endpoint(), repo=source[len("hf://"):].strip("/"))
+        return _HUB_FILE.format(endpoint=hub_endpoint(), repo=source[len("hf://") :].strip("/"))
     if "://" not in source and not Path(source).exists() and re.fullmatch(r"detr-[\w-]+", source):
-        raise ValueError(f"unknown weights name {source!r}; known names: {sorted(SHORT_NAMES)} or hf://ORG/REPO")
+        raise WeightsUnavailableError(
+            f"unknown weights name {source!r}; known names: {list(SHORT_NAMES)}, hf://ORG/REPO, or a file path/URI"
+        )
     return source
-
-
-def is_dilated(source: str) -> bool:
-    """Whether a source names a DC5 model (``detr-r50-dc5``, ``...-dc5-....pth``)."""
-    return "dc5" in Path(source.rstrip("/")).name.lower()
 
 
 def local_path(source: str) -> Path:
@@ -92,7 +77,10 @@ def local_path(source: str) -> Path:
 
 
 def expected_sha256_prefix(url: str) -> str | None:
-    """The hash prefix official file names carry (``detr-r50-e632da11.pth`` -> ``e632da11``)."""
+    """The hash prefix a registry entry or an official-style file name carries (``detr-r50-e632da11.pth``)."""
+    entry = registered(url)
+    if entry is not None and entry.sha256_prefix:
+        return entry.sha256_prefix
     match = re.search(r"-([0-9a-f]{8,})\.pth$", url)
     return match.group(1) if match else None
 
@@ -179,5 +167,5 @@ def _reason(error: BaseException) -> str:
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__
     inner = [a for a in getattr(error, "args", ()) if isinstance(a, BaseException)]
-    text = str(inner[-1] if inner else error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    text = one_line(inner[-1] if inner else error)
+    return text if text == type(error).__name__ else f"{type(error).__name__}: {text}"

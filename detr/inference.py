@@ -43,8 +43,14 @@ def _folded(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
     """conv followed by y = (x - mean) / sqrt(var + eps) * weight + bias, as one conv with bias."""
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C_out,)
     fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bias=True,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
     )
     fused.weight.copy_(conv.weight * scale[:, None, None, None])
     conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)

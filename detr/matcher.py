@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
+
+from detr.config import LossConfig
 
 
 def check_detection_inputs(outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> None:
@@ -63,7 +65,12 @@ class HungarianMatcher(nn.Module):
         cost_giou: weight of the negated generalized IoU.
     """
 
-    def __init__(self, cost_class: float = 1, cost_bbox: float = 5, cost_giou: float = 2) -> None:
+    def __init__(
+        self,
+        cost_class: float = LossConfig.cost_class,
+        cost_bbox: float = LossConfig.cost_bbox,
+        cost_giou: float = LossConfig.cost_giou,
+    ) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher needs at least one non-zero cost weight, got all zeros")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,9 +71,7 @@ class DETR(nn.Module):
         boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
         outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.training:
-            outputs["aux_outputs"] = [
-                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
-            ]
+            outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return outputs
 
 
@@ -94,4 +92,6 @@ def _check_inputs(pixel_values: Tensor, pixel_mask: Tensor) -> None:
         raise ValueError(f"pixel_mask must be a bool Tensor[B, H, W] (True on real pixels), got {got}")
     b, _, h, w = pixel_values.shape
     if tuple(pixel_mask.shape) != (b, h, w):
-        raise ValueError(f"pixel_mask shape {tuple(pixel_mask.shape)} does not match pixel_values: expected {(b, h, w)}")
+        raise ValueError(
+            f"pixel_mask shape {tuple(pixel_mask.shape)} does not match pixel_values: expected {(b, h, w)}"
+        )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -27,17 +27,16 @@ def postprocess(outputs: dict, original_sizes: Tensor, threshold: float = 0.7) -
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     if original_sizes.shape != (logits.shape[0], 2):
-        raise ValueError(f"original_sizes must be [{logits.shape[0]}, 2] (height, width), got {tuple(original_sizes.shape)}")
+        raise ValueError(
+            f"original_sizes must be [{logits.shape[0]}, 2] (height, width), got {tuple(original_sizes.shape)}"
+        )
     probabilities = logits.float().softmax(-1)[..., :-1]  # drop "no object"
     scores, labels = probabilities.max(-1)  # (B, Q)
     heights, widths = original_sizes.to(boxes.device, torch.float32).unbind(1)
     scale = torch.stack([widths, heights, widths, heights], dim=1)[:, None, :]  # (B, 1, 4)
     boxes_xyxy = box_convert(boxes.float(), "cxcywh", "xyxy") * scale  # (B, Q, 4)
     keep = scores > threshold
-    return [
-        {"scores": s[k], "labels": l[k], "boxes": b[k]}
-        for s, l, b, k in zip(scores, labels, boxes_xyxy, keep)
-    ]
+    return [{"scores": s[k], "labels": c[k], "boxes": b[k]} for s, c, b, k in zip(scores, labels, boxes_xyxy, keep)]
 
 
 def detection_records(result: dict[str, Tensor], categories: Sequence[Category]) -> list[dict]:

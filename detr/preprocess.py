@@ -6,8 +6,8 @@ ship small uint8 arrays to the model process, which only normalizes and pads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_SIZE = 800  # DETR's evaluation scale: shortest side
 MAX_SIZE = 1333  # ... unless that makes the longest side exceed this
 
-ImageLike = Union[np.ndarray, Image.Image, Tensor]
+ImageLike = np.ndarray | Image.Image | Tensor
 
 
 @dataclass

@@ -36,7 +36,8 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
 
 def reference_model(seed: int = 0, **config):
     """transformers' DetrForObjectDetection with random weights (eval mode)."""
-    from transformers import DetrConfig as HFDetrConfig, DetrForObjectDetection
+    from transformers import DetrConfig as HFDetrConfig
+    from transformers import DetrForObjectDetection
 
     model = DetrForObjectDetection(HFDetrConfig(**({"num_labels": 91} | config))).eval()
     randomize_(model, seed)
@@ -95,8 +96,13 @@ def write_original_layout(hub_file: Path, path: Path) -> Path:
 def tiny_config(**overrides) -> detr.DetrConfig:
     """A small DETR (ResNet-18, 1+1 layers) for pipeline tests where R50 speed would dominate."""
     values = dict(
-        backbone="resnet18", hidden_dim=64, num_heads=4, num_encoder_layers=1, num_decoder_layers=2,
-        dim_feedforward=128, num_queries=20,
+        backbone="resnet18",
+        hidden_dim=64,
+        num_heads=4,
+        num_encoder_layers=1,
+        num_decoder_layers=2,
+        dim_feedforward=128,
+        num_queries=20,
     )
     return detr.DetrConfig(**(values | overrides))
 

@@ -1,0 +1,5 @@
+import sys
+
+from jobs.annotate import run
+
+sys.exit(run())

@@ -1,0 +1,5 @@
+import sys
+
+from jobs.coco_export import run
+
+sys.exit(run())

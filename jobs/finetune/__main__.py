@@ -1,0 +1,5 @@
+import sys
+
+from jobs.finetune import run
+
+sys.exit(run())

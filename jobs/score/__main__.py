@@ -1,0 +1,5 @@
+import sys
+
+from jobs.score import run
+
+sys.exit(run())

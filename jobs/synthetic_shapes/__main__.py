@@ -1,0 +1,5 @@
+import sys
+
+from jobs.synthetic_shapes import run
+
+sys.exit(run())

@@ -1,0 +1,21 @@
+"""Object storage as the jobs see it: a URI in, an fsspec (or pyarrow) filesystem and a path out.
+
+Every job reads and writes through here, so local folders, ``s3://`` (and S3-compatible stores
+through ``AWS_ENDPOINT_URL``), ``gs://`` and any other fsspec protocol behave the same way.
+This package imports neither torch, Ray nor the model.
+"""
+
+from .errors import StorageError, one_line
+from .objects import read_objects
+from .uris import arrow_filesystem, filesystem_for, is_local, read_bytes, write_bytes
+
+__all__ = [
+    "StorageError",
+    "arrow_filesystem",
+    "filesystem_for",
+    "is_local",
+    "one_line",
+    "read_bytes",
+    "read_objects",
+    "write_bytes",
+]

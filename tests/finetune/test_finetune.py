@@ -1,0 +1,336 @@
+"""jobs/finetune.py on a local Ray cluster: it learns, survives a killed worker, and fails cleanly.
+
+The learning proof trains a small DETR from scratch (ResNet-18, width 64, 1 encoder and 2 decoder
+layers, 10 queries) on synthetic shapes with 2 Ray Train workers on CPU. One large shape per image
+(plus empty images) keeps it within a couple of minutes on 2 cores: with several shapes per image
+DETR needs far more steps before its queries attend to single objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import torch
+from torch.utils.data import DataLoader
+
+import detr
+from jobs.finetune import main, parse_config, run
+from jobs.finetune.data import CocoDetectionDataset, read_training_set
+from jobs.finetune.engine import (
+    NonFiniteLossError,
+    coco_box_ap,
+    collate_detection_batch,
+    predict_detections,
+    train_one_epoch,
+)
+from jobs.finetune.settings import FinetuneConfig
+from jobs.finetune.trainer import initial_model
+from jobs.finetune.transforms import AugmentationConfig, eval_transform
+from jobs.finetune.worker import TrainingSpec, build_model
+from jobs.synthetic_shapes import ShapesConfig, generate
+
+from checkpoints import write_tiny_checkpoint
+
+SHAPE_NAMES = ["square", "circle", "triangle"]  # ids 10, 20, 30
+ONE_BIG_SHAPE = ShapesConfig(image_size=128, min_object_size=40, max_object_size=80, max_objects=1)
+TINY_SCRATCH = [
+    "--weights",
+    "scratch",
+    "--backbone",
+    "resnet18",
+    "--hidden-dim",
+    "64",
+    "--num-heads",
+    "4",
+    "--enc-layers",
+    "1",
+    "--dec-layers",
+    "2",
+    "--ffn-dim",
+    "128",
+    "--num-queries",
+    "10",
+    "--dropout",
+    "0",
+    "--min-size",
+    "128",
+    "--max-size",
+    "213",
+]
+
+
+def dataset_args(root: str, validation: bool = True) -> list[str]:
+    args = ["--train-images", f"{root}/train/images", "--train-annotations", f"{root}/train/annotations.json"]
+    if validation:
+        args += ["--val-images", f"{root}/val/images", "--val-annotations", f"{root}/val/annotations.json"]
+    return args
+
+
+def box_ap50(model: detr.DETR, images: str, annotations_uri: str, min_size: int, max_size: int) -> float:
+    """AP50 of ``model`` on a dataset, predicted here in one process."""
+    annotations = read_training_set(annotations_uri)
+    dataset = CocoDetectionDataset(images, annotations, eval_transform(AugmentationConfig.scaled(min_size, max_size)))
+    loader = DataLoader(dataset, batch_size=8, collate_fn=collate_detection_batch)
+    return coco_box_ap(annotations.instances, predict_detections(model, loader, torch.device("cpu")))["AP50"]
+
+
+def _alive_train_workers() -> list[dict]:
+    from ray._private import state
+
+    return [a for a in state.actors().values() if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"]
+
+
+def test_learns_synthetic_shapes_with_two_workers(ray_cluster, tmp_path):
+    root = str(tmp_path)
+    generate(f"{root}/train", 200, seed=0, config=ONE_BIG_SHAPE)
+    generate(f"{root}/val", 60, seed=1, config=ONE_BIG_SHAPE)
+    args = parse_config(
+        [
+            *dataset_args(root),
+            "--output",
+            f"{root}/out",
+            *TINY_SCRATCH,
+            "--workers",
+            "2",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "12",
+            "--lr-drop",
+            "10",
+            "--lr",
+            "1e-4",
+            "--lr-backbone",
+            "1e-4",
+            "--augmentation",
+            "scale",
+            "--loader-workers",
+            "0",
+        ]
+    )
+    val = (f"{root}/val/images", f"{root}/val/annotations.json", 128, 213)
+    categories = read_training_set(f"{root}/train/annotations.json").categories
+    chance = box_ap50(initial_model(args, categories), *val)  # the same random init the run starts from
+
+    summary = main(args)
+
+    history = summary.metrics["epochs"]
+    assert [m["epoch"] for m in history] == list(range(12))
+    assert [m["lr"] for m in history] == [1e-4] * 10 + [pytest.approx(1e-5)] * 2  # StepLR at --lr-drop
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    for term in ("loss_ce", "loss_bbox", "loss_giou"):
+        assert history[-1][term] < history[0][term]
+    best_ap50 = max(m["val_AP50"] for m in history)
+    print(
+        f"chance AP50 {chance:.4f}; val AP50 by epoch {[round(m['val_AP50'], 3) for m in history]}; "
+        f"loss {[round(m['loss'], 2) for m in history]}"
+    )
+    # Chance (random init) measures ~0.003; a detector that found shapes and their colours is far above it.
+    assert chance < 0.02 and best_ap50 > max(0.15, 10 * chance)
+    assert history[-1]["val_AP50"] > 0.1
+
+    best = detr.from_pretrained(f"{root}/out/best.pth")
+    assert box_ap50(best, *val) == pytest.approx(max(history, key=lambda m: m["val_AP"])["val_AP50"], abs=0.02)
+    final = detr.from_pretrained(f"{root}/out/final.pth")
+    assert [(c.id, c.name) for c in final.categories] == list(zip([10, 20, 30], SHAPE_NAMES))
+    metrics = json.loads(Path(f"{root}/out/metrics.json").read_text())
+    assert metrics["epochs"] == history and metrics["train_images"] == 200
+
+    # The annotate job labels images with the new classes.
+    from jobs.annotate import main as annotate
+    from jobs.annotate import parse_config as annotate_args
+
+    annotate(
+        annotate_args(
+            [
+                f"{root}/val/images",
+                f"{root}/annotated",
+                "--weights",
+                f"{root}/out/final.pth",
+                "--threshold",
+                "0.3",
+                "--min-size",
+                "128",
+                "--max-size",
+                "213",
+                "--actors",
+                "1",
+            ]
+        )
+    )
+    rows = pq.read_table(f"{root}/annotated").to_pylist()
+    labels = [(d["category_id"], d["label"]) for row in rows for d in row["detections"]]
+    assert len(rows) == 60 and labels and set(labels) <= set(zip([10, 20, 30], SHAPE_NAMES))
+
+
+def test_killed_worker_resumes_from_last_checkpoint_on_object_storage(ray_cluster, s3_bucket):
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    root = f"s3://{s3_bucket}"
+    small = ShapesConfig(image_size=96, min_object_size=30, max_object_size=60, max_objects=1)
+    generate(f"{root}/train", 64, seed=0, config=small)
+    args = parse_config(
+        [
+            *dataset_args(root, validation=False),
+            "--output",
+            f"{root}/run",
+            *TINY_SCRATCH[:-4],
+            "--min-size",
+            "96",
+            "--max-size",
+            "160",
+            "--workers",
+            "2",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "4",
+            "--loader-workers",
+            "1",
+            "--max-failures",
+            "1",
+        ]
+    )
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(summary=main(args)), daemon=True)
+    job.start()
+    fs = s3fs.S3FileSystem()
+    snapshot = f"{s3_bucket}/run/checkpoints/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+    deadline = time.monotonic() + 240
+    while not fs.exists(snapshot):  # written once the controller has registered a checkpoint
+        assert job.is_alive() and time.monotonic() < deadline, "the run ended before a worker could be killed"
+        fs.invalidate_cache()
+        time.sleep(0.05)
+    victim = _alive_train_workers()[0]
+    os.kill(victim["Pid"], signal.SIGKILL)
+    job.join(timeout=300)
+
+    history = outcome["summary"].metrics["epochs"]
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3]
+    # The restarted workers began from a checkpoint, not from scratch, and lost at most the epoch in progress.
+    assert history[0]["resumed_from_epoch"] == 0 and history[-1]["resumed_from_epoch"] >= 1
+    assert victim["Pid"] not in {a["Pid"] for a in _alive_train_workers()}
+    model = detr.from_pretrained(f"{root}/run/final.pth")
+    assert [c.name for c in model.categories] == SHAPE_NAMES
+
+
+def test_pretrained_weights_keep_all_but_the_class_head(tmp_path):
+    weights = write_tiny_checkpoint(str(tmp_path / "tiny.pth"))  # 91 COCO classes, 20 queries
+    pretrained = detr.from_pretrained(weights)
+    generate(str(tmp_path / "train"), 2, seed=0)
+    categories = read_training_set(str(tmp_path / "train/annotations.json")).categories
+
+    model = initial_model(
+        parse_config([*dataset_args(str(tmp_path), False), "--output", "o", "--weights", weights]), categories
+    )
+    assert model.config.num_classes == 3 and model.categories == categories
+    new, old = model.state_dict(), pretrained.state_dict()
+    assert new["class_embed.weight"].shape == (4, 64)
+    assert all(torch.equal(new[k], old[k]) for k in new if not k.startswith("class_embed."))
+
+    model = initial_model(
+        parse_config(
+            [*dataset_args(str(tmp_path), False), "--output", "o", "--weights", weights, "--num-queries", "7"]
+        ),
+        categories,
+    )
+    new = model.state_dict()
+    assert new["query_embed.weight"].shape == (7, 64)
+    assert all(torch.equal(new[k], old[k]) for k in new if not k.startswith(("class_embed.", "query_embed.")))
+
+
+def test_non_finite_loss_names_the_step(tmp_path):
+    generate(str(tmp_path / "train"), 4, seed=0, config=ONE_BIG_SHAPE)
+    args = parse_config([*dataset_args(str(tmp_path), False), "--output", "o", *TINY_SCRATCH])
+    categories = read_training_set(str(tmp_path / "train/annotations.json")).categories
+    model = initial_model(args, categories)
+    state = model.state_dict()
+    state["bbox_embed.layers.2.bias"] = torch.full_like(state["bbox_embed.layers.2.bias"], float("nan"))
+    config = FinetuneConfig(
+        f"{tmp_path}/train/images", f"{tmp_path}/train/annotations.json", "o", batch_size=2, loader_workers=0
+    )
+    model, criterion = build_model(TrainingSpec(config, model.config, model.categories), state)
+    dataset = CocoDetectionDataset(
+        config.train_images,
+        read_training_set(config.train_annotations),
+        eval_transform(AugmentationConfig.scaled(128, 213)),
+    )
+    loader = DataLoader(dataset, batch_size=2, collate_fn=collate_detection_batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 5, step 17 \(loss=nan"):
+        train_one_epoch(model, criterion, loader, optimizer, config, torch.device("cpu"), epoch=5, step=17)
+
+
+def test_diverged_run_stops_with_one_line_and_no_retries(ray_cluster, tmp_path, capsys):
+    generate(str(tmp_path / "train"), 4, seed=0, config=ONE_BIG_SHAPE)
+    # A learning rate this absurd overflows the weights in the first steps.
+    argv = [
+        *dataset_args(str(tmp_path), False),
+        "--output",
+        str(tmp_path / "out"),
+        *TINY_SCRATCH,
+        "--lr",
+        "1e30",
+        "--lr-backbone",
+        "1e30",
+        "--clip-max-norm",
+        "0",
+        "--epochs",
+        "3",
+        "--loader-workers",
+        "0",
+    ]
+    assert run(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "non-finite loss at epoch" in error[0] and "step" in error[0]
+    assert not (tmp_path / "out" / "final.pth").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--epochs", "0"], "--epochs must be positive, got 0"),
+        (["--val-images", "v"], "--val-images and --val-annotations go together"),
+        (["--weights", "scratch", "--min-size", "1400"], "--min-size 1400 exceeds --max-size 1333"),
+        (["--precision", "fp16"], "--precision fp16 needs --gpus-per-worker > 0"),
+        (["--weights", "TINY", "--hidden-dim", "32"], "['--hidden-dim'] only apply with --weights scratch"),
+        (["--weights", "/nonexistent/weights.pth"], "weights file not found: /nonexistent/weights.pth"),
+        (
+            ["--weights", "scratch", "--hidden-dim", "30", "--num-heads", "4"],
+            "hidden_dim 30 is not divisible by num_heads 4",
+        ),
+        (["--train-annotations", "MISSING"], "missing.json: no such file"),
+        (["--train-annotations", "BAD"], "bad.json: annotations[0] (id 1) refers to category_id 99"),
+        (["--train-images", "/nowhere"], "/nowhere/000001.png: image listed in"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, extra, message):
+    generate(str(tmp_path / "train"), 2, seed=0)
+    document = json.loads((tmp_path / "train/annotations.json").read_text())
+    document["annotations"][0]["category_id"] = 99
+    (tmp_path / "bad.json").write_text(json.dumps(document))
+    weights = write_tiny_checkpoint(str(tmp_path / "tiny.pth"))
+    substitutions = {"MISSING": str(tmp_path / "missing.json"), "BAD": str(tmp_path / "bad.json"), "TINY": weights}
+    extra = [substitutions.get(a, a) for a in extra]
+    argv = [
+        *dataset_args(str(tmp_path), False),
+        "--output",
+        str(tmp_path / "out"),
+        "--weights",
+        "scratch",
+        "--epochs",
+        "1",
+        *extra,
+    ]
+
+    assert run(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("finetune: error: ") and message in error[0], error
