@@ -1,5 +1,7 @@
 """cluster/: every manifest parses and agrees with the jobs' real argument parsers, pyproject's
-Ray pin and dependencies, the GPU layout each job asks for, and Ray's own config validators."""
+Ray pin and dependencies, the GPU layout each job asks for, and Ray's own config validators; Ray's
+token authentication stays on, pods reach the object store by workload identity, and no cluster file
+or README carries a credential."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import importlib
 import io
 import re
 import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -18,7 +21,10 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-tomllib = pytest.importorskip("tomllib")
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser from PyPI (the test extra installs it there)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -30,6 +36,21 @@ RAY_IMAGE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-(?P<python>p
 # Schemes of object stores every pod can reach; a local path on a pod is a pod-local folder.
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hf://")
 GPU = "nvidia.com/gpu"
+OBJECT_STORE_SECRET = "detr-ray-object-store"  # the documented fallback to workload identity
+# The Secret fallback, one commented line per Ray container that reads or writes the store.
+SECRET_FALLBACK = re.compile(r"^(\s*)# (envFrom: \[\{secretRef: \{name: detr-ray-object-store\}\}\])", re.MULTILINE)
+# Credentials that must never sit in a committed file: presigned URLs (S3, GCS, Azure SAS),
+# passwords in URLs, AWS key ids, private keys, GitHub tokens.
+SECRET_PATTERN = re.compile(
+    r"(?i:X-Amz-(?:Credential|Signature|Security-Token)=)"
+    r"|(?i:X-Goog-(?:Credential|Signature)=)"
+    r"|AWSAccessKeyId=[^&\s]+|[?&]Signature=[^&\s]+"
+    r"|[?&]sig=[A-Za-z0-9%+/=]{10,}"
+    r"|[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@"
+    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
+    r"|\bgh[pousr]_[A-Za-z0-9]{36}\b"
+)
 
 
 def _load(path: Path) -> dict:
@@ -58,6 +79,8 @@ def _rayjob_paths() -> list[Path]:
 
 
 RAYJOBS = _rayjob_paths()
+RAY_MANIFESTS = sorted(p for p in KUBERAY.glob("*.yaml") if _load(p)["kind"] in ("RayJob", "RayCluster"))
+SERVICE_ACCOUNT = _load(KUBERAY / "serviceaccount.yaml")["metadata"]["name"]
 
 
 # --- the jobs' argument parsers -------------------------------------------------------------
@@ -156,7 +179,9 @@ def total_gpus(nodes: list[dict]) -> float:
 
 def check_cluster_spec(spec: dict, where: str) -> None:
     """Ray version = pyproject's pin everywhere, one Python across pods, GPU limits = requests,
-    object-store credentials from a Secret in every Ray container."""
+    every Ray pod runs as the workload-identity service account (credentials, if any, only from
+    the object-store Secret), a Kubernetes API token only where the autoscaler needs it, and no
+    Ray Client port."""
     pin = _ray_pin()
     assert str(spec["rayVersion"]) == pin, f"{where}: rayVersion {spec['rayVersion']} != pyproject's ray=={pin}"
     groups = [spec["headGroupSpec"], *(spec.get("workerGroupSpecs") or [])]
@@ -173,10 +198,20 @@ def check_cluster_spec(spec: dict, where: str) -> None:
                 f"{where}: a GPU pod runs the CPU image {container['image']}"
             )
             assert resources.get("requests", {}).get(GPU, resources["limits"][GPU]) == resources["limits"][GPU]
-        secret_refs = [e for e in container.get("envFrom", []) if "secretRef" in e] + [
-            e for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})
+        pod = group["template"]["spec"]
+        assert pod.get("serviceAccountName") == SERVICE_ACCOUNT, (
+            f"{where}: {container['name']} pods do not run as {SERVICE_ACCOUNT}, so they get no object-store identity"
+        )
+        autoscaler = group is spec["headGroupSpec"] and spec.get("enableInTreeAutoscaling") is True
+        assert pod.get("automountServiceAccountToken") is autoscaler, (
+            f"{where}: {container['name']} pods need a Kubernetes API token only for the in-tree autoscaler"
+        )
+        secrets = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e] + [
+            e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})
         ]
-        assert secret_refs, f"{where}: container {container['name']} gets no object-store credentials from a Secret"
+        assert set(secrets) <= {OBJECT_STORE_SECRET}, f"{where}: {container['name']} loads Secrets {secrets}"
+        client_ports = [p for p in container.get("ports", []) if p.get("name") == "client" or p["containerPort"] == 10001]
+        assert not client_ports, f"{where}: nothing here uses Ray Client; do not expose port 10001"
         for env in container.get("env", []):
             assert not (re.search(r"KEY|SECRET|TOKEN|PASSWORD", env["name"]) and "value" in env), (
                 f"{where}: {env['name']} is written into the manifest; use a Secret"
@@ -188,6 +223,28 @@ def check_cluster_spec(spec: dict, where: str) -> None:
         )
 
 
+def check_token_auth(manifest: dict) -> None:
+    """Ray's token authentication is on (KubeRay >= 1.5 generates the token and gives it to every
+    Ray container and the submitter) and no container turns it off again."""
+    name = f"{manifest['kind']} {manifest['metadata']['name']}"
+    spec = manifest["spec"]["rayClusterSpec"] if manifest["kind"] == "RayJob" else manifest["spec"]
+    mode = (spec.get("authOptions") or {}).get("mode")
+    assert mode == "token", f"{name}: authOptions.mode is {mode!r}; its dashboard would run jobs for anyone who reaches it"
+    for group in [spec["headGroupSpec"], *(spec.get("workerGroupSpecs") or [])]:
+        for container in _containers(group):
+            for env in container.get("env", []):
+                assert env["name"] != "RAY_AUTH_MODE" or env.get("value") == "token", f"{name}: {container['name']} turns token auth off ({env})"
+
+
+def check_pinned_by_hash(packages: list[str], where: str) -> None:
+    """pip installs a URL requirement only if its bytes match the ``#sha256=`` it carries."""
+    for requirement in map(Requirement, packages):
+        if requirement.url and requirement.url.startswith("https://"):
+            assert re.search(r"#sha256=[0-9a-f]{64}$", requirement.url), (
+                f"{where}: {requirement.name} @ {requirement.url} is not pinned with #sha256=<64 hex digits>"
+            )
+
+
 def check_runtime_env_installs_project(runtime_env: dict, where: str) -> None:
     """The runtime env installs this project (a ``detr-ray @ URL`` requirement) or every runtime
     dependency pyproject names, with pyproject's version bounds."""
@@ -197,6 +254,7 @@ def check_runtime_env_installs_project(runtime_env: dict, where: str) -> None:
     pip = runtime_env.get("pip")
     packages = pip["packages"] if isinstance(pip, dict) else pip
     assert packages, f"{where}: no pip packages; the cluster images do not have this project's dependencies"
+    check_pinned_by_hash(packages, where)
     requirements = {canonicalize_name(r.name): r for r in map(Requirement, packages)}
     project = canonicalize_name(_pyproject()["project"]["name"])
     if project in requirements:
@@ -277,6 +335,10 @@ def test_rayjob_cluster(path: Path):
     assert manifest["apiVersion"] == "ray.io/v1"
     spec = manifest["spec"]
     assert spec.get("shutdownAfterJobFinishes") is True, f"{path.name}: the cluster would outlive its job"
+    assert isinstance(spec.get("backoffLimit"), int) and 0 <= spec["backoffLimit"] <= 3, (
+        f"{path.name}: set backoffLimit (0-3); every retry starts a whole new cluster"
+    )
+    assert "submitterPodTemplate" not in spec, f"{path.name}: KubeRay's default submitter needs no store access"
     check_cluster_spec(spec["rayClusterSpec"], path.name)
     check_runtime_env_installs_project(yaml.safe_load(spec["runtimeEnvYAML"]), path.name)
 
@@ -337,5 +399,114 @@ def test_launcher_config():
     # setup installs the project from the checkout that file_mounts copies to every node
     (checkout,) = [remote for remote, local in config["file_mounts"].items() if local == "."]
     assert any(re.search(rf"pip install .*{re.escape(checkout)}(\s|$)", c) for c in prepared["setup_commands"])
-    starts = prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"]
-    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    check_launcher_token_auth(config)
+
+
+def check_launcher_token_auth(config: dict) -> None:
+    """Head and workers start Ray with token auth, and every node gets the token file."""
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), f"{key}: `ray start` without RAY_AUTH_MODE=token"
+    assert "~/.ray/auth_token" in config["file_mounts"].values(), "file_mounts must copy ~/.ray/auth_token to every node"
+
+
+@pytest.mark.parametrize("path", RAY_MANIFESTS, ids=lambda p: p.name)
+def test_token_auth_is_on_in_every_kuberay_manifest(path: Path):
+    check_token_auth(_load(path))
+
+
+def _drop_auth_options(spec: dict) -> None:
+    del spec["authOptions"]
+
+
+def _disable_auth(spec: dict) -> None:
+    spec["authOptions"]["mode"] = "disabled"
+
+
+def _env_disables_auth(spec: dict) -> None:
+    _ray_container(spec["headGroupSpec"]).setdefault("env", []).append({"name": "RAY_AUTH_MODE", "value": "disabled"})
+
+
+@pytest.mark.parametrize("path", RAY_MANIFESTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("tamper", [_drop_auth_options, _disable_auth, _env_disables_auth], ids=lambda f: f.__name__[1:])
+def test_token_auth_check_fails_on_a_manifest_without_it(path: Path, tamper: Callable[[dict], None]):
+    manifest = _load(path)
+    tamper(manifest["spec"]["rayClusterSpec"] if manifest["kind"] == "RayJob" else manifest["spec"])
+    with pytest.raises(AssertionError, match="auth"):
+        check_token_auth(manifest)
+
+
+def test_launcher_token_auth_check_fails_without_it():
+    config = _load(LAUNCHER)
+    config["worker_start_ray_commands"] = [c.replace("RAY_AUTH_MODE=token ", "") for c in config["worker_start_ray_commands"]]
+    with pytest.raises(AssertionError, match="RAY_AUTH_MODE=token"):
+        check_launcher_token_auth(config)
+
+
+def test_service_account_for_workload_identity():
+    manifest = _load(KUBERAY / "serviceaccount.yaml")
+    assert (manifest["apiVersion"], manifest["kind"]) == ("v1", "ServiceAccount")
+    assert manifest.get("automountServiceAccountToken") is False, "pods that need an API token ask for it themselves"
+    text = (KUBERAY / "serviceaccount.yaml").read_text()
+    for annotation in ("eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account"):
+        assert annotation in text, f"serviceaccount.yaml does not show how to set {annotation}"
+
+
+@pytest.mark.parametrize("path", RAY_MANIFESTS, ids=lambda p: p.name)
+def test_secret_fallback_uncommented_gives_the_secret_to_the_ray_containers(path: Path):
+    """The documented fallback: uncomment the envFrom lines and every Ray container that touches the
+    store (all of them here; not the submitter or the autoscaler sidecar) loads the Secret."""
+    text = path.read_text()
+    manifest = yaml.safe_load(SECRET_FALLBACK.sub(r"\1\2", text))
+    spec = manifest["spec"]["rayClusterSpec"] if manifest["kind"] == "RayJob" else manifest["spec"]
+    groups = [spec["headGroupSpec"], *(spec.get("workerGroupSpecs") or [])]
+    assert len(SECRET_FALLBACK.findall(text)) == len(groups), f"{path.name}: one fallback line per Ray container"
+    for group in groups:
+        assert _ray_container(group)["envFrom"] == [{"secretRef": {"name": OBJECT_STORE_SECRET}}]
+    check_cluster_spec(spec, f"{path.name} with the Secret fallback")
+
+
+def _committed_text_files() -> list[Path]:
+    return [p for p in CLUSTER.rglob("*") if p.is_file()] + [ROOT / "README.md", ROOT / ".rayignore"]
+
+
+@pytest.mark.parametrize("path", _committed_text_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_credentials_in_cluster_files_or_readme(path: Path):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        match = SECRET_PATTERN.search(line)
+        assert not match, f"{path.relative_to(ROOT)}:{number} carries a credential ({match.group(0)!r})"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "s3://b/k.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIDEXAMPLE%2F20240101&X-Amz-Signature=abc",
+        "https://b.s3.amazonaws.com/k?x-amz-signature=0123abcd&X-Amz-Date=20240101T000000Z",
+        "https://storage.googleapis.com/b/k?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=sa%40p.iam",
+        "https://storage.googleapis.com/b/k?X-Goog-Signature=5f1e",
+        "https://b.s3.amazonaws.com/k?AWSAccessKeyId=AKIDEXAMPLE&Expires=1700000000&Signature=vjbyPxybd",
+        "https://acct.blob.core.windows.net/c/k?sv=2022-11-02&se=2024-01-01&sr=b&sp=r&sig=AbCdEf0123%2B%3D",
+        "AWS_ENDPOINT_URL: https://minio:minio123@minio.example:9000",
+        "aws_access_key_id = AKIAIOSFODNN7EXAMPLE",
+        "-----BEGIN OPENSSH PRIVATE KEY-----",
+        "pip install git+https://ghp_0123456789abcdefghijABCDEFGHIJ012345@github.com/o/r",
+    ],
+)
+def test_secret_pattern_catches_planted_credentials(line: str):
+    assert SECRET_PATTERN.search(line), line
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "python -m jobs.annotate s3://YOUR-BUCKET/images s3://YOUR-BUCKET/detections",
+        "- detr-ray @ https://github.com/YOUR-ORG/detr-ray/archive/refs/tags/v0.1.0.zip#sha256=" + "0" * 64,
+        "kubectl create secret generic detr-ray-object-store --from-literal=AWS_ACCESS_KEY_ID=...",
+        'export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(kubectl get secret x -o jsonpath="{.data.auth_token}")',
+        "ray job submit --address http://localhost:8265 --working-dir .",
+        '"Resource": "arn:aws:iam::YOUR-ACCOUNT-ID:role/detr-ray-worker"',
+        "git clone git+ssh://git@github.com/YOUR-ORG/detr-ray",
+    ],
+)
+def test_secret_pattern_passes_the_placeholders_the_docs_use(line: str):
+    assert not SECRET_PATTERN.search(line), line
