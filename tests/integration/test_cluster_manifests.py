@@ -207,10 +207,14 @@ def check_cluster_spec(spec: dict, where: str) -> None:
             f"{where}: {container['name']} pods need a Kubernetes API token only for the in-tree autoscaler"
         )
         secrets = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e] + [
-            e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})
+            e["valueFrom"]["secretKeyRef"]["name"]
+            for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})
         ]
         assert set(secrets) <= {OBJECT_STORE_SECRET}, f"{where}: {container['name']} loads Secrets {secrets}"
-        client_ports = [p for p in container.get("ports", []) if p.get("name") == "client" or p["containerPort"] == 10001]
+        client_ports = [
+            p for p in container.get("ports", []) if p.get("name") == "client" or p["containerPort"] == 10001
+        ]
         assert not client_ports, f"{where}: nothing here uses Ray Client; do not expose port 10001"
         for env in container.get("env", []):
             assert not (re.search(r"KEY|SECRET|TOKEN|PASSWORD", env["name"]) and "value" in env), (
@@ -229,11 +233,15 @@ def check_token_auth(manifest: dict) -> None:
     name = f"{manifest['kind']} {manifest['metadata']['name']}"
     spec = manifest["spec"]["rayClusterSpec"] if manifest["kind"] == "RayJob" else manifest["spec"]
     mode = (spec.get("authOptions") or {}).get("mode")
-    assert mode == "token", f"{name}: authOptions.mode is {mode!r}; its dashboard would run jobs for anyone who reaches it"
+    assert mode == "token", (
+        f"{name}: authOptions.mode is {mode!r}; its dashboard would run jobs for anyone who reaches it"
+    )
     for group in [spec["headGroupSpec"], *(spec.get("workerGroupSpecs") or [])]:
         for container in _containers(group):
             for env in container.get("env", []):
-                assert env["name"] != "RAY_AUTH_MODE" or env.get("value") == "token", f"{name}: {container['name']} turns token auth off ({env})"
+                assert env["name"] != "RAY_AUTH_MODE" or env.get("value") == "token", (
+                    f"{name}: {container['name']} turns token auth off ({env})"
+                )
 
 
 def check_pinned_by_hash(packages: list[str], where: str) -> None:
@@ -406,8 +414,12 @@ def check_launcher_token_auth(config: dict) -> None:
     """Head and workers start Ray with token auth, and every node gets the token file."""
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         starts = [c for c in config[key] if "ray start" in c]
-        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), f"{key}: `ray start` without RAY_AUTH_MODE=token"
-    assert "~/.ray/auth_token" in config["file_mounts"].values(), "file_mounts must copy ~/.ray/auth_token to every node"
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), (
+            f"{key}: `ray start` without RAY_AUTH_MODE=token"
+        )
+    assert "~/.ray/auth_token" in config["file_mounts"].values(), (
+        "file_mounts must copy ~/.ray/auth_token to every node"
+    )
 
 
 @pytest.mark.parametrize("path", RAY_MANIFESTS, ids=lambda p: p.name)
@@ -428,7 +440,9 @@ def _env_disables_auth(spec: dict) -> None:
 
 
 @pytest.mark.parametrize("path", RAY_MANIFESTS, ids=lambda p: p.name)
-@pytest.mark.parametrize("tamper", [_drop_auth_options, _disable_auth, _env_disables_auth], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize(
+    "tamper", [_drop_auth_options, _disable_auth, _env_disables_auth], ids=lambda f: f.__name__[1:]
+)
 def test_token_auth_check_fails_on_a_manifest_without_it(path: Path, tamper: Callable[[dict], None]):
     manifest = _load(path)
     tamper(manifest["spec"]["rayClusterSpec"] if manifest["kind"] == "RayJob" else manifest["spec"])
@@ -438,7 +452,9 @@ def test_token_auth_check_fails_on_a_manifest_without_it(path: Path, tamper: Cal
 
 def test_launcher_token_auth_check_fails_without_it():
     config = _load(LAUNCHER)
-    config["worker_start_ray_commands"] = [c.replace("RAY_AUTH_MODE=token ", "") for c in config["worker_start_ray_commands"]]
+    config["worker_start_ray_commands"] = [
+        c.replace("RAY_AUTH_MODE=token ", "") for c in config["worker_start_ray_commands"]
+    ]
     with pytest.raises(AssertionError, match="RAY_AUTH_MODE=token"):
         check_launcher_token_auth(config)
 

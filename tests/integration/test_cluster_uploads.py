@@ -14,22 +14,50 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_ENV = Path("cluster") / "runtime_env.yaml"
 
 # Files a developer may have lying in a checkout; none may reach a cluster.
 CREDENTIALS = [
-    ".env", ".env.local", "jobs/.env", ".envrc", "key.pem", "cluster/tls.key", "client.p12",
-    ".aws/credentials", ".aws/config", "id_rsa", "id_rsa.pub", ".ssh/id_ed25519", ".netrc", ".git-credentials",
-    "x.kubeconfig", "cluster/kuberay/admin.kubeconfig", ".kube/config", "kubeconfig",
-    "service-account-prod.json", "application_default_credentials.json", ".config/gcloud/credentials.db",
-    ".docker/config.json", ".ray/auth_token", "auth_token",
+    ".env",
+    ".env.local",
+    "jobs/.env",
+    ".envrc",
+    "key.pem",
+    "cluster/tls.key",
+    "client.p12",
+    ".aws/credentials",
+    ".aws/config",
+    "id_rsa",
+    "id_rsa.pub",
+    ".ssh/id_ed25519",
+    ".netrc",
+    ".git-credentials",
+    "x.kubeconfig",
+    "cluster/kuberay/admin.kubeconfig",
+    ".kube/config",
+    "kubeconfig",
+    "service-account-prod.json",
+    "application_default_credentials.json",
+    ".config/gcloud/credentials.db",
+    ".docker/config.json",
+    ".ray/auth_token",
+    "auth_token",
 ]
 LOCAL_OUTPUTS = [
-    "detr-ray-output/part-0.parquet", "detections.parquet", "jobs/weights.pth", "final.pt", "model.safetensors",
-    "epoch=1.ckpt", ".benchmarks/Linux-CPython-3.11/0001.json", ".pytest_cache/v/cache/lastfailed",
-    "jobs/__pycache__/annotate.cpython-311.pyc", "detr_ray.egg-info/PKG-INFO", "build/lib/detr/model.py",
-    "dist/detr_ray-0.1.0.tar.gz", ".venv/bin/python",
+    "detr-ray-output/part-0.parquet",
+    "detections.parquet",
+    "jobs/weights.pth",
+    "final.pt",
+    "model.safetensors",
+    "epoch=1.ckpt",
+    ".benchmarks/Linux-CPython-3.11/0001.json",
+    ".pytest_cache/v/cache/lastfailed",
+    "jobs/__pycache__/annotate.cpython-311.pyc",
+    "detr_ray.egg-info/PKG-INFO",
+    "build/lib/detr/model.py",
+    "dist/detr_ray-0.1.0.tar.gz",
+    ".venv/bin/python",
 ]
 PLANTED = CREDENTIALS + LOCAL_OUTPUTS
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 LAUNCHER = yaml.safe_load((CLUSTER / "launcher-aws.yaml").read_text())
 POLICIES = sorted(CLUSTER.glob("iam-*.json"))
@@ -61,7 +61,9 @@ def test_every_node_type_has_its_own_instance_profile(aws):
     from ray.autoscaler._private.aws.config import _configure_iam_role
 
     head = profile(LAUNCHER["head_node_type"])
-    assert worker_types() and all(profile(w) != head for w in worker_types()), "workers would run with the head's rights"
+    assert worker_types() and all(profile(w) != head for w in worker_types()), (
+        "workers would run with the head's rights"
+    )
     # Ray's bootstrap creates and attaches its default profile (EC2 + S3 full access) only to a head without one.
     bootstrapped = _configure_iam_role({**LAUNCHER, "head_node": {}})
     assert bootstrapped["head_node"] == {}
@@ -76,7 +78,9 @@ def test_policies_grant_no_service_wide_rights(path: Path):
         for action in listed(statement["Action"]):
             assert action == "ec2:Describe*" or "*" not in action, f"{path.name}: {action} grants a whole service"
         if statement.get("Resource") == "*":
-            assert listed(statement["Action"]) == ["ec2:Describe*"], f"{path.name}: {statement['Sid']} on every resource"
+            assert listed(statement["Action"]) == ["ec2:Describe*"], (
+                f"{path.name}: {statement['Sid']} on every resource"
+            )
 
 
 def test_object_store_policy_reads_inputs_and_writes_only_the_output_prefix():
@@ -127,11 +131,18 @@ def test_readme_steps_create_the_roles_and_ray_launches_workers_with_the_worker_
     assert all(p.name in readme for p in POLICIES), "cluster/README.md must say how to use every iam-*.json"
     iam = boto3.client("iam")
     head, (worker,) = profile(LAUNCHER["head_node_type"]), worker_types()
-    role_policies = {head: ["iam-object-store.json", "iam-head-autoscaler.json"], profile(worker): ["iam-object-store.json"]}
+    role_policies = {
+        head: ["iam-object-store.json", "iam-head-autoscaler.json"],
+        profile(worker): ["iam-object-store.json"],
+    }
     for role, names in role_policies.items():
         iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(policy("iam-trust-ec2.json")))
         for name in names:
-            iam.put_role_policy(RoleName=role, PolicyName=name.removesuffix(".json"), PolicyDocument=json.dumps(policy(name, filled=True)))
+            iam.put_role_policy(
+                RoleName=role,
+                PolicyName=name.removesuffix(".json"),
+                PolicyDocument=json.dumps(policy(name, filled=True)),
+            )
         iam.create_instance_profile(InstanceProfileName=role)
         iam.add_role_to_instance_profile(InstanceProfileName=role, RoleName=role)
     for trust in [p.name for p in POLICIES if p.name.startswith("iam-trust-eks-")]:  # KubeRay on EKS
