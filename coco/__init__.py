@@ -13,7 +13,7 @@ Imports neither torch, Ray nor the model: scoring stays a NumPy job.
 
 from .annotations import CocoFormatError, CocoInstances, parse_instances, read_instances, read_json
 from .boxes import xywh_to_xyxy, xyxy_to_xywh
-from .detection_table import DETECTION_TYPE, DETECTIONS_SCHEMA
+from .detection_table import DETECTION_TYPE, DETECTIONS_SCHEMA, RETRYABLE_ERROR_PREFIX
 from .evaluation import STAT_NAMES, CocoEvaluation, DetectionBoxes, GroundTruthBoxes, evaluate_boxes, format_stats
 from .join import JOIN_RULE, match_uris_to_images
 from .predictions import Predictions, load_predictions
@@ -22,6 +22,7 @@ __all__ = [
     "DETECTIONS_SCHEMA",
     "DETECTION_TYPE",
     "JOIN_RULE",
+    "RETRYABLE_ERROR_PREFIX",
     "STAT_NAMES",
     "CocoEvaluation",
     "CocoFormatError",

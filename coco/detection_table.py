@@ -16,7 +16,12 @@ One row per input object::
 
 from __future__ import annotations
 
+import posixpath
+
+import fsspec
 import pyarrow as pa
+
+from storage import filesystem_for, redact
 
 DETECTION_TYPE = pa.struct(
     [
@@ -36,5 +41,37 @@ DETECTIONS_SCHEMA = pa.schema(
         pa.field("model", pa.string()),
     ]
 )
+# An error that may pass (throttling, timeouts, 5xx from the store): the next run retries rows
+# whose error starts so; every other error row is final.
+RETRYABLE_ERROR_PREFIX = "retryable: "
 # What scoring and export read: the rest is for people and other tools.
 SCORED_COLUMNS = ("uri", "detections", "error")
+# Written by a run that finished; a folder of the job's files without it is being written or was killed.
+COMPLETION_MARKER = "_SUCCESS.json"
+
+
+def table_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The Parquet files of a detections folder, sorted; like pyarrow's datasets, paths with a part
+    starting with ``_`` or ``.`` (the job's ``_index/``, ``_lease/``) are not data."""
+    root = root.rstrip("/")
+    files = []
+    for path in fs.find(root):
+        inside = posixpath.relpath(path, root).split("/")
+        if path.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in inside):
+            files.append(path)
+    return sorted(files)
+
+
+def incomplete_warning(uri: str) -> str | None:
+    """One line to warn with when ``uri`` is a folder of the annotate job's files without the marker
+    a finished run leaves (the run is still going, or was killed), else None."""
+    fs, root = filesystem_for(uri)
+    root = root.rstrip("/")
+    if not fs.isdir(root) or fs.exists(f"{root}/{COMPLETION_MARKER}"):
+        return None
+    if not any(posixpath.basename(p).startswith("annotations-") for p in table_files(fs, root)):
+        return None  # not the annotate job's output: nothing to say
+    return (
+        f"{redact(uri)} has no {COMPLETION_MARKER}: its annotate run is still going or was killed, so it may "
+        "lack images (re-run annotate to finish; --allow-incomplete silences this)"
+    )

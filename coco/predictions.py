@@ -32,7 +32,7 @@ from storage import StorageError, filesystem_for, one_line
 
 from .annotations import CocoFormatError, CocoInstances, read_json
 from .boxes import xyxy_to_xywh
-from .detection_table import SCORED_COLUMNS
+from .detection_table import SCORED_COLUMNS, table_files
 from .evaluation import DetectionBoxes
 from .join import first_repeated, match_uris_to_images
 
@@ -45,7 +45,8 @@ class PredictionCounts:
         images_predicted: ground-truth images with a prediction (a successful Parquet row,
             possibly with no detections; for a results JSON, at least one result).
         images_without_ground_truth: predicted images that match no ground-truth image.
-        failed_inputs: Parquet rows whose ``error`` is set (annotate could not read the input).
+        failed_inputs: inputs whose Parquet rows all have an ``error`` (annotate could not read them; a
+            retryable error row that a later run superseded with a successful row does not count).
         detections_kept: detections passed to the evaluator.
         skipped_malformed: detections whose box is not 4 values or whose category id is missing.
         skipped_not_finite: detections with a NaN/inf score or coordinate.
@@ -98,7 +99,7 @@ def load_predictions(uri: str, ground_truth: CocoInstances) -> Predictions:
     if not exists:
         raise CocoFormatError(f"{uri}: no such file or directory")
     if is_directory:
-        files = sorted(name for name in filesystem.find(path) if name.endswith(".parquet"))
+        files = table_files(filesystem, path)
         if not files:
             raise CocoFormatError(f"{uri}: empty predictions folder (no .parquet files below it)")
         predictions = _load_parquet(uri, filesystem, files, ground_truth)
@@ -136,8 +137,15 @@ def _load_parquet(
         well_formed=well_formed,
         predicted_image_ids=uri_image[uri_image >= 0],
         images_without_ground_truth=int((uri_image < 0).sum()),
-        failed_inputs=int((~succeeded).sum()),
+        failed_inputs=_failed_inputs(table["uri"], succeeded),
     )
+
+
+def _failed_inputs(uris: pa.ChunkedArray, succeeded: np.ndarray) -> int:
+    """Distinct inputs with an error row and no successful row."""
+    failed = pc.unique(uris.filter(pa.array(~succeeded)))
+    healed = pc.is_in(failed, value_set=pc.unique(uris.filter(pa.array(succeeded))))
+    return int(len(failed) - (pc.sum(healed).as_py() or 0))
 
 
 def _join_rows(

@@ -28,7 +28,7 @@ from torch import Tensor
 from .categories import COCO_CATEGORIES, Category, categories_from_list, categories_to_list
 from .config import DetrConfig
 from .download import local_path
-from .errors import one_line
+from .errors import one_line, redact, scrub
 from .model import DETR
 from .weights import identified_by_sha256, registered
 
@@ -72,13 +72,14 @@ def read_state(source: str) -> tuple[dict[str, Tensor], dict]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - report which file and why in one line
-        raise CheckpointError(f"{source}: not a loadable DETR checkpoint ({one_line(error)})") from None
+        message = f"{source}: not a loadable DETR checkpoint ({one_line(error)})"
+        raise CheckpointError(scrub(message, source)) from None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         extras = {k: obj[k] for k in ("config", "categories") if k in obj}
         return dict(obj["model"]), extras | digest
     if isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values()):
         return dict(obj), digest
-    raise CheckpointError(f"{source}: expected a state dict or a dict with a 'model' state dict")
+    raise CheckpointError(f"{redact(source)}: expected a state dict or a dict with a 'model' state dict")
 
 
 def _looks_like_safetensors(data: bytes) -> bool:
@@ -221,7 +222,7 @@ def from_pretrained(
     config = dataclasses.replace(config, **overrides)
     model = DETR(config, categories if new_head else (stored_categories or categories))
     load_detr_state(model, state, skip_prefixes=("class_embed.",) if new_head else ())
-    model.weights_name = f"{Path(source.rstrip('/')).name}@{_content_hash(state)}"
+    model.weights_name = f"{Path(redact(source).rstrip('/')).name}@{_content_hash(state)}"
     return model.eval()
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import fsspec
 
-from .errors import one_line
+from .errors import one_line, redact, scrub
 from .weights import SHORT_NAMES, registered
 
 _HUB_DEFAULT = "https://huggingface.co"
@@ -70,7 +70,9 @@ def local_path(source: str) -> Path:
         if not local.is_file():
             raise WeightsUnavailableError(f"weights file not found: {local}")
         return local
-    cached = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(path).name
+    # The folder is a hash of the full URL; the file name carries no query string (a presigned
+    # URL's signature must not end up in file names).
+    cached = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / _file_name(url)
     if not cached.is_file():
         _download(url, cached)
     return cached
@@ -111,7 +113,7 @@ def _download(url: str, destination: Path) -> None:
     if expected and not digest.hexdigest().startswith(expected):
         os.unlink(tmp.name)
         raise WeightsUnavailableError(
-            f"checksum mismatch for {url}: sha256 {digest.hexdigest()[:12]}..., expected {expected[:12]}..."
+            f"checksum mismatch for {redact(url)}: sha256 {digest.hexdigest()[:12]}..., expected {expected[:12]}..."
         )
     os.replace(tmp.name, destination)
 
@@ -133,8 +135,8 @@ def _hub_sha256(url: str, destination: Path) -> str:
     except Exception as error:  # noqa: BLE001 - offline or refused: the same one-line message
         raise _unavailable(url, destination, error) from None
     raise WeightsUnavailableError(
-        f"cannot verify weights from {url}: the hub sent no SHA-256 for it, so it was not cached; "
-        f"download it yourself and pass the local file (e.g. --weights /path/to/{Path(url).name})"
+        f"cannot verify weights from {redact(url)}: the hub sent no SHA-256 for it, so it was not cached; "
+        f"download it yourself and pass the local file (e.g. --weights /path/to/{_file_name(url)})"
     )
 
 
@@ -157,9 +159,16 @@ def _head(url: str) -> tuple[int, Message]:
 
 def _unavailable(url: str, destination: Path, error: BaseException) -> WeightsUnavailableError:
     return WeightsUnavailableError(
-        f"cannot download weights from {url} ({_reason(error)}); when offline, download it elsewhere "
-        f"and pass the local file (e.g. --weights /path/to/{Path(url).name}) or put it at {destination}"
+        scrub(
+            f"cannot download weights from {url} ({_reason(error)}); when offline, download it elsewhere "
+            f"and pass the local file (e.g. --weights /path/to/{_file_name(url)}) or put it at {destination}",
+            url,
+        )
     )
+
+
+def _file_name(url: str) -> str:
+    return Path(urllib.parse.urlsplit(url).path if "://" in url else url).name
 
 
 def _reason(error: BaseException) -> str:

@@ -6,16 +6,26 @@ This package imports neither torch, Ray nor the model.
 """
 
 from .errors import StorageError, one_line
+from .exclusive import create_exclusive
+from .listing import KeyRange, iter_folder, iter_sorted, split_ranges
 from .objects import read_objects
+from .redaction import carries_secret, redact
 from .uris import arrow_filesystem, filesystem_for, is_local, read_bytes, write_bytes
 
 __all__ = [
+    "KeyRange",
     "StorageError",
     "arrow_filesystem",
+    "carries_secret",
+    "create_exclusive",
     "filesystem_for",
     "is_local",
+    "iter_folder",
+    "iter_sorted",
     "one_line",
     "read_bytes",
     "read_objects",
+    "redact",
+    "split_ranges",
     "write_bytes",
 ]

@@ -11,9 +11,15 @@ from .errors import StorageError, one_line
 
 def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path within it (credentials and endpoint from
-    the environment, e.g. ``AWS_ENDPOINT_URL`` for MinIO/Ceph/R2)."""
+    the environment, e.g. ``AWS_ENDPOINT_URL`` for MinIO/Ceph/R2).
+
+    Without a listings cache: the jobs list folders other processes write into (OUTPUT, the done
+    index), and a cached listing makes s3fs answer "not found" for a file written since.
+    """
     try:
-        return fsspec.core.url_to_fs(uri)
+        if "://" not in uri or uri.startswith(("file://", "local://")):
+            return fsspec.core.url_to_fs(uri)
+        return fsspec.core.url_to_fs(uri, use_listings_cache=False)
     except (ValueError, ImportError) as error:  # unknown protocol, or its package is not installed
         raise StorageError(f"{uri}: unsupported URI ({one_line(error)})") from None
 

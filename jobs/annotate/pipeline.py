@@ -1,25 +1,32 @@
 """The annotate job's Ray Data pipeline: object storage -> decode tasks -> model actors -> Parquet.
 
-The stream, with memory flat whatever the archive's size (no take_all, no materialize):
+The stream, with memory flat whatever the archive's size or OUTPUT's history (no take_all, no
+materialize, no set of done URIs):
 
-1. list INPUT lazily in one task (:mod:`jobs.annotate.listing`), minus what OUTPUT holds
-   (:mod:`jobs.annotate.output`);
-2. read, decode (EXIF, RGB) and resize images in parallel CPU tasks (:mod:`jobs.annotate.decoding`);
-3. detect in an actor pool that loads the weights once per actor (:mod:`jobs.annotate.detector`),
+1. take OUTPUT's lease and bring its done index in line with its files (:mod:`jobs.annotate.output`);
+2. list INPUT in parallel parts, each merged against the done index (:mod:`jobs.annotate.listing`);
+   a manifest is first grouped into key ranges, de-duplicated and merged range by range;
+3. read, decode (EXIF, RGB) and resize images in parallel CPU tasks (:mod:`jobs.annotate.decoding`);
+4. detect in an actor pool that loads the weights once per actor (:mod:`jobs.annotate.detector`),
    laid out on the cluster by :mod:`jobs.annotate.actor_plan`;
-4. write Parquet files as blocks arrive (``--render`` then draws a few of them:
-   :mod:`jobs.annotate.render`).
+5. write Parquet files as blocks arrive; then index this run's files, write ``_SUCCESS.json``
+   (``--render`` then draws a few of them: :mod:`jobs.annotate.render`).
 
 An actor that dies (OOM, preempted node) is restarted by Ray and its in-flight batches are retried.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+import pyarrow as pa
 
 import detr
 from coco import DETECTIONS_SCHEMA
@@ -27,15 +34,24 @@ from detr.image_decoding import ImageDecodeError
 from jobs.annotate.actor_plan import ActorPlan, plan_actors
 from jobs.annotate.decoding import prepare_images
 from jobs.annotate.detector import Detector, DetectorConfig
-from jobs.annotate.listing import check_input, list_image_uris
-from jobs.annotate.output import RunFilenames, Summary, completed_uris, run_files, summarize
+from jobs.annotate.done_index import DoneIndex, Segment
+from jobs.annotate.listing import (
+    ListingPart,
+    check_input,
+    list_folder_part,
+    manifest_boundaries,
+    plan_listing,
+    range_of,
+    read_manifest_part,
+    remaining_in_range,
+)
+from jobs.annotate.output import OutputFolder, RunFilenames, Summary
 from jobs.annotate.render import render_detections
 from jobs.annotate.settings import AnnotateConfig, AnnotateError
 from jobs.cli import JobFailedError
-from storage import arrow_filesystem
+from storage import KeyRange, arrow_filesystem, filesystem_for, redact
 
 if TYPE_CHECKING:  # Ray is imported when the job runs, so --help and argument errors stay instant
-    import pyarrow as pa
     import ray
 
 # Model batches per decode task: enough that task overhead is noise, few enough that a few
@@ -50,6 +66,13 @@ BLOCK_BYTES = 1024**2
 # Per decode task: the worker (~0.45 GB) and one image at the decompression-bomb limit. Distinct
 # resources also keep Ray from fusing decoding into the actor pool, behind inference.
 DECODE_MEMORY = 1024**3
+
+
+# Listing streams running at once: each holds a page and one index part per segment.
+LISTING_CONCURRENCY = 16
+# Bounded retries everywhere (Ray Data's default for tasks is unbounded): a listing or
+# decode task that fails this often has hit something a retry will not fix.
+TASK_RETRIES = 3
 
 
 class BadImageError(JobFailedError):
@@ -68,22 +91,48 @@ def main(config: AnnotateConfig) -> Summary:
     check_input(config.input)
     # Load the weights here first: a missing file, failed download or wrong checkpoint is one
     # clear error now instead of dying actors later, and it fills this node's download cache.
-    detr.from_pretrained(config.weights)
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (ray job submit) or a fresh local cluster
-    plan = plan_actors(config, ray.nodes())
-    detector = DetectorConfig(
-        weights=config.weights,
-        threshold=config.threshold,
-        precision=config.precision,
-        use_gpu=plan.gpus_per_actor > 0,
-        cpu_threads=max(1, math.floor(plan.cpus_per_actor)),
-    )
-    done = completed_uris(config.output)
+    model_name = detr.from_pretrained(config.weights).weights_name
+    output = OutputFolder(config.output)
+    output.prepare()
     run_id = time.strftime("%Y%m%dT%H%M%S") + uuid.uuid4().hex[:6]
-    annotated = build_dataset(config, plan, detector, ray.put(done) if done is not None else None)
-    filesystem, path = arrow_filesystem(config.output)
-    started = time.perf_counter()
+    with output.lease(run_id):
+        segments = output.done_segments()
+        output.clear_marker()
+        if not ray.is_initialized():
+            ray.init()  # RAY_ADDRESS (ray job submit) or a fresh local cluster
+        plan = plan_actors(config, ray.nodes())
+        detector = DetectorConfig(
+            weights=config.weights,
+            threshold=config.threshold,
+            precision=config.precision,
+            use_gpu=plan.gpus_per_actor > 0,
+            cpu_threads=max(1, math.floor(plan.cpus_per_actor)),
+        )
+        annotated = build_dataset(config, plan, detector, output, segments)
+        filesystem, path = arrow_filesystem(config.output)
+        started = time.perf_counter()
+        _write(annotated, config, plan, path, filesystem, run_id)
+        skipped = sum(s.rows for s in segments)
+        summary = output.summarize(run_id, skipped=skipped, seconds=time.perf_counter() - started)
+        output.index_run(run_id, segments)
+        output.write_marker(summary, model_name, arguments(config))
+    if config.render_count:
+        render_detections(output.fs, list(output.files(run_id)), config.render_count, config.render_dir)
+    return summary
+
+
+def arguments(config: AnnotateConfig) -> dict:
+    """The run's settings as written into ``_SUCCESS.json``: URIs without secrets."""
+    values = dataclasses.asdict(config)
+    for name in ("input", "output", "weights", "render_dir"):
+        if values[name] is not None:
+            values[name] = redact(values[name])
+    return values
+
+
+def _write(annotated, config: AnnotateConfig, plan: ActorPlan, path: str, filesystem, run_id: str) -> None:
+    import ray
+
     try:
         annotated.write_parquet(
             path,
@@ -103,34 +152,18 @@ def main(config: AnnotateConfig) -> Summary:
         if bad_image is None:
             raise
         raise BadImageError(f"{bad_image} (--fail-on-error)") from None
-    summary = summarize(
-        config.output, run_id, skipped=len(done) if done is not None else 0, seconds=time.perf_counter() - started
-    )
-    if config.render_count:
-        render_detections(*run_files(config.output, run_id), config.render_count, config.render_dir)
-    return summary
-
-
-def _list_minus_done(batch: pa.Table, *, done_ref: ray.ObjectRef | None, **listing) -> pa.Table:
-    """The listing task: fetches the completed URIs from the object store once, then lists."""
-    import ray
-
-    done = frozenset(ray.get(done_ref).to_pylist()) if done_ref is not None else frozenset()
-    yield from list_image_uris(batch, done=done, **listing)
 
 
 def build_dataset(
-    config: AnnotateConfig, plan: ActorPlan, detector: DetectorConfig, done: ray.ObjectRef | None
+    config: AnnotateConfig, plan: ActorPlan, detector: DetectorConfig, output: OutputFolder, segments: list[Segment]
 ) -> ray.data.Dataset:
-    """The lazy pipeline: listing -> blocks of URIs -> decode tasks -> detector actors.
-
-    Args:
-        done: object-store reference to the URIs already in OUTPUT, or None.
-    """
+    """The lazy pipeline: listing parts -> not-yet-done URIs -> decode tasks -> detector actors."""
     import ray
 
     block_rows = BATCHES_PER_BLOCK * plan.batch_size
-    inputs = ray.data.from_items([{"input": config.input}])
+    parts, _ = plan_listing(config.input, config.manifest_column)
+    rows = [{"part": json.dumps(dataclasses.asdict(p))} for p in parts]
+    inputs = ray.data.from_items(rows, override_num_blocks=len(rows))
     context = inputs.context  # a copy owned by this job's datasets: the settings below stay here
     context.target_max_block_size = BLOCK_BYTES
     if plan.wait_for_actors_s > 0:  # start the pool first and give up after the wait, instead of hanging
@@ -140,15 +173,24 @@ def build_dataset(
     context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
         object_store_memory=max(MIN_OBJECT_STORE_BYTES, queue_bytes)
     )
-    images = inputs.map_batches(
-        _list_minus_done,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={"extensions": config.extensions, "manifest_column": config.manifest_column, "done_ref": done},
-        # Listing waits on the network, and this one task lives until the listing ends:
-        # holding a CPU could starve the decode tasks on small machines.
-        num_cpus=0,
-    )
+    # An absolute URI: a relative local OUTPUT would resolve against each worker's own directory.
+    index = {"output": output.fs.unstrip_protocol(output.root), "segments": segments}
+    listing = {
+        "batch_size": 1,
+        "batch_format": "pyarrow",
+        # Listing waits on the network: holding a CPU could starve the decode tasks on small machines.
+        "num_cpus": 0,
+        "concurrency": min(LISTING_CONCURRENCY, len(rows)),
+        "max_retries": TASK_RETRIES,
+    }
+    if parts[0].kind == "folder":
+        images = inputs.map_batches(_list_folder, fn_kwargs={**index, "extensions": config.extensions}, **listing)
+    else:
+        boundaries = manifest_boundaries(parts, len(parts))
+        entries = inputs.map_batches(_read_manifest, fn_kwargs={"boundaries": boundaries}, **listing)
+        images = entries.groupby("range").map_groups(
+            _remaining_in_range, batch_format="pyarrow", fn_kwargs=index, num_cpus=0.25, max_retries=TASK_RETRIES
+        )
     if config.limit is not None:
         images = images.limit(config.limit)
     prepared = images.repartition(target_num_rows_per_block=block_rows).map_batches(
@@ -157,6 +199,7 @@ def build_dataset(
         batch_format="pyarrow",
         num_cpus=1,
         memory=DECODE_MEMORY,
+        max_retries=TASK_RETRIES,
         fn_kwargs={
             "min_size": config.min_size,
             "max_size": config.max_size,
@@ -175,6 +218,37 @@ def build_dataset(
         # Ray Data's actor-pool default restarts a dead actor and retries its batches; decoding
         # already bounds what reaches an actor (max-size^2 pixels, bombs rejected).
     )
+
+
+def _part(batch: pa.Table) -> ListingPart:
+    values = json.loads(batch.column("part")[0].as_py())
+    values["key_range"] = KeyRange(**values["key_range"])
+    values["row_groups"] = tuple(values["row_groups"])
+    values["byte_range"] = tuple(values["byte_range"])
+    return ListingPart(**values)
+
+
+def _index(output: str, segments: list[Segment]) -> DoneIndex | None:
+    if not segments:
+        return None
+    fs, root = filesystem_for(output)
+    return DoneIndex(fs, root)
+
+
+def _list_folder(batch: pa.Table, *, output: str, segments: list[Segment], extensions) -> Iterator[pa.Table]:
+    """The listing task of one key range of a folder/prefix."""
+    yield from list_folder_part(_part(batch), extensions, _index(output, segments), segments)
+
+
+def _read_manifest(batch: pa.Table, *, boundaries: list[str]) -> Iterator[pa.Table]:
+    """The reading task of one manifest part: its entries, each with the key range it belongs to."""
+    for table in read_manifest_part(_part(batch)):
+        yield table.append_column("range", range_of(table.column("uri"), boundaries))
+
+
+def _remaining_in_range(group: pa.Table, *, output: str, segments: list[Segment]) -> pa.Table:
+    """One key range of a manifest: each URI once, minus the done ones."""
+    return remaining_in_range(group.drop_columns(["range"]), _index(output, segments), segments)
 
 
 def _bad_image_reason(error: BaseException) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from coco import CocoFormatError, match_uris_to_images, read_instances, xyxy_to_xywh
+from coco.detection_table import incomplete_warning, table_files
 from jobs import cli
 from storage import filesystem_for
 
@@ -29,6 +31,7 @@ class ExportConfig:
     output: str  # the annotate job's OUTPUT folder URI
     annotations: str  # COCO instances JSON whose images[].file_name rows are joined to
     results: str  # URI of the results JSON to write
+    allow_incomplete: bool = False  # no warning for an annotate output without _SUCCESS.json
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def export_coco_results(output_uri: str, annotations_uri: str, results_uri: str)
     """Write the detections under ``output_uri`` as a COCO results JSON at ``results_uri``."""
     instances = read_instances(annotations_uri)
     fs, root = filesystem_for(output_uri)
-    files = sorted(p for p in fs.find(root) if p.endswith(".parquet")) if fs.isdir(root) else []
+    files = table_files(fs, root) if fs.isdir(root) else []
     if not files:
         raise CocoFormatError(f"{output_uri}: no Parquet files")
     uri_of_image: dict[int, str] = {}
@@ -104,14 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
         "annotations", help="COCO annotations JSON URI (instances_*.json) whose images[].file_name to match"
     )
     parser.add_argument("results", help="URI of the results JSON to write")
+    parser.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="export an annotate output folder without its _SUCCESS.json (a run in progress or killed) "
+        "without the warning",
+    )
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
-    return ExportConfig(args.output, args.annotations, args.results)
+    return ExportConfig(args.output, args.annotations, args.results, args.allow_incomplete)
 
 
 def main(config: ExportConfig) -> ExportSummary:
+    warning = None if config.allow_incomplete else incomplete_warning(config.output)
+    if warning:
+        print(f"coco_export: warning: {warning}", file=sys.stderr)
     return export_coco_results(config.output, config.annotations, config.results)
 
 

@@ -13,6 +13,7 @@ rows are joined to ground-truth images by file name, and :mod:`coco.evaluation` 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from coco import (
     load_predictions,
     read_instances,
 )
+from coco.detection_table import incomplete_warning
 from coco.evaluation import STAT_NAMES
 from jobs.score.settings import ScoreConfig
 from storage import write_bytes
@@ -96,6 +98,9 @@ def main(config: ScoreConfig) -> ScoreResult:
     Raises:
         CocoFormatError: an input is unusable; StorageError: an output cannot be written.
     """
+    warning = None if config.allow_incomplete else incomplete_warning(config.predictions)
+    if warning:
+        print(f"score: warning: {warning}", file=sys.stderr)
     ground_truth = read_instances(config.annotations)
     predictions = load_predictions(config.predictions, ground_truth)
     image_ids = ground_truth.image_ids if config.all_images else predictions.image_ids

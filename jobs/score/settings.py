@@ -16,6 +16,7 @@ class ScoreConfig:
     output: str | None = None  # JSON report URI
     plot: str | None = None  # folder URI for the PNG charts
     all_images: bool = False  # score every ground-truth image, as pycocotools does
+    allow_incomplete: bool = False  # no warning for an annotate output without _SUCCESS.json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
         "predictions as having no detections (default: score only the images that have a "
         "prediction)",
     )
+    parser.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="score an annotate output folder without its _SUCCESS.json (a run in progress or killed) "
+        "without the warning",
+    )
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
-    return ScoreConfig(args.predictions, args.annotations, args.output, args.plot, args.all_images)
+    return ScoreConfig(
+        args.predictions, args.annotations, args.output, args.plot, args.all_images, args.allow_incomplete
+    )
 
 
 def parse_config(argv: list[str] | None = None) -> ScoreConfig:

@@ -24,6 +24,7 @@ from PIL import Image
 
 import detr
 from coco import DETECTIONS_SCHEMA
+from coco.detection_table import incomplete_warning, table_files
 from jobs.annotate import main, parse_config, run
 from jobs.coco_export import export_coco_results
 from storage import filesystem_for
@@ -87,7 +88,7 @@ def _png_header(width: int, height: int) -> bytes:
 def read_output(uri: str) -> pa.Table:
     fs, root = filesystem_for(uri)
     tables = []
-    for path in sorted(p for p in fs.find(root) if p.endswith(".parquet")):
+    for path in table_files(fs, root):
         with fs.open(path, "rb") as stream:
             tables.append(pq.read_table(stream))
     return pa.concat_tables(tables) if tables else DETECTIONS_SCHEMA.empty_table()
@@ -154,65 +155,97 @@ def _write_folder(folder: Path, count: int) -> list[str]:
     return sorted(f"file://{folder}/{i:03d}.jpg" for i in range(count))
 
 
-def _assert_each_once(output: Path, expected: list[str]) -> None:
+def _write_images(where: str, tmp_path: Path, bucket: str, count: int) -> tuple[str, str, list[str]]:
+    """``count`` JPEGs in a local folder or a bucket: (INPUT, OUTPUT, the image URIs)."""
+    if where == "local":
+        return str(tmp_path / "images"), str(tmp_path / "out"), _write_folder(tmp_path / "images", count)
+    images = {f"{bucket}/images/{i:03d}.jpg": encode(Image.fromarray(scene(i)), "JPEG") for i in range(count)}
+    s3fs.S3FileSystem(skip_instance_cache=True).pipe(images)
+    return f"s3://{bucket}/images", f"s3://{bucket}/out", sorted(f"s3://{p}" for p in images)
+
+
+def _output_files(output: str) -> list[str]:
+    fs, root = filesystem_for(output)
+    fs.invalidate_cache()
+    return table_files(fs, root) if fs.exists(root) else []
+
+
+def _assert_each_once(output: str | Path, expected: list[str]) -> None:
     uris = read_output(str(output)).column("uri").to_pylist()
     assert len(uris) == len(set(uris)), "duplicate rows"
     assert sorted(uris) == expected, "missing rows"
 
 
-def test_killed_job_resumes_with_every_image_exactly_once(ray_cluster, tmp_path, tiny_checkpoint):
-    expected = _write_folder(tmp_path / "images", 80)
-    output = tmp_path / "out"
-    argv = [
-        str(tmp_path / "images"),
-        str(output),
-        "--weights",
-        tiny_checkpoint,
-        "--threshold",
-        "0.01",
-        "--min-size",
-        "384",
-        "--max-size",
-        "512",
-        "--batch-size",
-        "2",
-        "--rows-per-file",
-        "2",
-        "--actors",
-        "1",
-        "--cpus-per-actor",
-        "1",
-    ]
+def _slow_run(inputs: str, output: str, tiny_checkpoint: str) -> list[str]:
+    """A run that writes many small files: batches of 2, a file every 2 rows, one actor."""
+    return [
+        inputs, output, "--weights", tiny_checkpoint, "--threshold", "0.01", "--min-size", "384", "--max-size", "512",
+        "--batch-size", "2", "--rows-per-file", "2", "--actors", "1", "--cpus-per-actor", "1",
+    ]  # fmt: skip
+
+
+def _start_job(argv: list[str], ray_cluster, log: Path) -> subprocess.Popen:
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    with open(tmp_path / "job.log", "wb") as log:
-        job = subprocess.Popen(
-            [sys.executable, "-m", "jobs.annotate", *argv],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 180
-            while len(list(output.glob("*.parquet"))) < 3:
-                log_tail = (tmp_path / "job.log").read_text()[-2000:]
-                assert job.poll() is None, f"job ended before it could be killed:\n{log_tail}"
-                assert time.monotonic() < deadline, "no output files after 180 s"
-                time.sleep(0.05)
-        finally:
-            job.send_signal(signal.SIGKILL)  # the driver, as a preempted head node would lose it
-            job.wait()
+    with open(log, "wb") as stream:
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobs.annotate", *argv], cwd=ROOT, env=env, stdout=stream,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def _wait_for(condition, job: subprocess.Popen, log: Path, what: str, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert job.poll() is None, f"job ended before {what}:\n{log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {seconds} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_killed_job_resumes_with_every_image_exactly_once(ray_cluster, tmp_path, s3_bucket, tiny_checkpoint, where):
+    inputs, output, expected = _write_images(where, tmp_path, s3_bucket, 80)
+    argv = _slow_run(inputs, output, tiny_checkpoint)
+    job = _start_job(argv, ray_cluster, tmp_path / "job.log")
+    try:
+        _wait_for(lambda: len(_output_files(output)) >= 3, job, tmp_path / "job.log", "three output files")
+    finally:
+        job.send_signal(signal.SIGKILL)  # the driver, as a preempted head node would lose it
+        job.wait()
     deadline = time.monotonic() + 60
     while _alive_detector_actors():  # the cluster reaps the dead driver's actors and tasks
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    first_run = read_output(str(output)).num_rows
+    first_run = read_output(output).num_rows
     assert 0 < first_run < len(expected), "the kill must interrupt the job part-way"
+    fs, root = filesystem_for(output)
+    assert not fs.exists(f"{root}/_SUCCESS.json")
+    assert "has no _SUCCESS.json" in (incomplete_warning(output) or "")
 
-    summary = main(parse_config(argv))
+    summary = main(parse_config(argv))  # the killed run's lease is taken over: its process is gone
 
     assert summary.skipped == first_run and summary.images == len(expected) - first_run
+    _assert_each_once(output, expected)
+    fs.invalidate_cache()
+    assert fs.exists(f"{root}/_SUCCESS.json") and incomplete_warning(output) is None
+    again = main(parse_config(argv))
+    assert (again.images, again.skipped) == (0, len(expected))
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_nothing_is_duplicated(
+    ray_cluster, tmp_path, s3_bucket, tiny_checkpoint, capsys
+):
+    inputs, output, expected = _write_images("s3", tmp_path, s3_bucket, 40)
+    argv = _slow_run(inputs, output, tiny_checkpoint)
+    job = _start_job(argv, ray_cluster, tmp_path / "job.log")
+    try:
+        _wait_for(lambda: _output_files(output), job, tmp_path / "job.log", "a first output file")
+        assert run(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"annotate: error: {output} is being written by annotate run")
+        assert job.wait(timeout=300) == 0, (tmp_path / "job.log").read_text()[-2000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
     _assert_each_once(output, expected)
 
 

@@ -170,3 +170,19 @@ def test_hub_offline_fails_with_one_line_naming_url(tmp_path, monkeypatch):
     message = str(error.value)
     assert "\n" not in message and message.startswith("cannot download weights from http://127.0.0.1:")
     assert "/org/repo/resolve/main/model.safetensors" in message and "--weights" in message
+
+
+def test_a_presigned_weights_url_keeps_its_secret_out_of_names_messages_and_files(
+    http_folder, tmp_path, monkeypatch, tiny_checkpoint
+):
+    monkeypatch.setenv("DETR_RAY_CACHE", str(tmp_path / "cache"))
+    root, base = http_folder
+    (root / "tiny.pth").write_bytes(open(tiny_checkpoint, "rb").read())
+    secret = "X-Amz-Credential=AKIASECRET%2F20261130&X-Amz-Signature=0123456789abcdef"
+    model = detr.from_pretrained(f"{base}/tiny.pth?{secret}")
+    assert model.weights_name.startswith("tiny.pth@")
+    assert [p.name for p in _cached_files(tmp_path)] == ["tiny.pth"]
+    with pytest.raises(WeightsUnavailableError) as error:
+        detr.from_pretrained(f"{base}/missing.pth?{secret}")
+    assert "AKIASECRET" not in str(error.value) and "0123456789abcdef" not in str(error.value)
+    assert f"{base}/missing.pth" in str(error.value)
