@@ -24,7 +24,7 @@ S3_PAGE = 1000  # keys per ListObjectsV2 page: S3's maximum
 # The next characters tried when cutting an S3 prefix: printable ASCII, what nearly all keys use.
 # Keys starting with anything else still belong to a range (ranges cover the whole key space).
 _PROBE_ALPHABET = [chr(c) for c in range(0x20, 0x7F)]
-_MAX_PROBE_DEPTH = 3
+_MAX_PROBES = 4096  # ListObjectsV2 calls spent finding where to cut (64 at a time: ~a second on S3)
 _PROBE_CONCURRENCY = 64
 
 
@@ -130,8 +130,10 @@ def _before(key: str) -> str:
 
 
 def _s3_boundaries(fs: fsspec.AbstractFileSystem, root: str, parts: int) -> list[str]:
-    """Paths where ranges start: the key prefixes, one to three characters past ``root``, that hold
-    at least one key, found by listing each candidate with MaxKeys=1 (concurrently)."""
+    """Paths where ranges start: the key prefixes a few characters past ``root`` that hold at least
+    one key, found by listing each candidate with MaxKeys=1 (concurrently), one character deeper
+    at a time until there are enough of them (a shared prefix such as zero padding costs a level
+    of 95 probes and no range)."""
     bucket, prefix = _s3_prefix(fs, root)
 
     async def occupied(candidates: list[str]) -> list[str]:
@@ -145,11 +147,13 @@ def _s3_boundaries(fs: fsspec.AbstractFileSystem, root: str, parts: int) -> list
         found = await asyncio.gather(*(probe(c) for c in candidates))
         return [c for c, hit in zip(candidates, found) if hit]
 
-    frontier = [prefix]
-    for _ in range(_MAX_PROBE_DEPTH):
-        frontier = fsspec.asyn.sync(fs.loop, occupied, [p + c for p in frontier for c in _PROBE_ALPHABET])
-        if len(frontier) >= parts or not frontier:
+    frontier, probes = [prefix], 0
+    while len(frontier) < parts and probes + len(frontier) * len(_PROBE_ALPHABET) <= _MAX_PROBES:
+        deeper = fsspec.asyn.sync(fs.loop, occupied, [p + c for p in frontier for c in _PROBE_ALPHABET])
+        probes += len(frontier) * len(_PROBE_ALPHABET)
+        if not deeper:
             break
+        frontier = deeper
     step = max(1, len(frontier) // parts)
     return [f"{bucket}/{frontier[i]}" for i in range(step, len(frontier), step)]
 

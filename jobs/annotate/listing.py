@@ -23,6 +23,7 @@ URIs are normalized once, here (``fs.unstrip_protocol``: ``s3://bucket/key``,
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import posixpath
 from collections.abc import Iterator, Sequence
@@ -36,10 +37,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.annotate.done_index import DoneCursor, DoneIndex, Segment
-from jobs.annotate.settings import DEFAULT_EXTENSIONS
 from jobs.cli import UserError
 from storage import KeyRange, filesystem_for, is_local, iter_sorted, one_line, redact, split_ranges
 
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MANIFEST_SUFFIXES = (".txt", ".parquet", "manifest.json")
 LISTING_PAGE = 1000  # URIs per yielded table: S3's page size
 FOLDER_RANGES = 32  # parallel listing streams for one prefix: ~3x10^5 keys/s on S3
@@ -323,6 +324,44 @@ def remaining_in_range(entries: pa.Table, index: DoneIndex | None, segments: Seq
     return entries.filter(pa.array(~done)).select(LISTED_SCHEMA.names)
 
 
+# --- as Ray tasks: one row per part, its fields as JSON (Ray Data blocks hold plain Arrow) ---
+
+
+def part_row(part: ListingPart) -> dict[str, str]:
+    return {"part": json.dumps(dataclasses.asdict(part))}
+
+
+def _part_of(batch: pa.Table) -> ListingPart:
+    values = json.loads(batch.column("part")[0].as_py())
+    values["key_range"] = KeyRange(**values["key_range"])
+    values["row_groups"] = tuple(values["row_groups"])
+    values["byte_range"] = tuple(values["byte_range"])
+    return ListingPart(**values)
+
+
+def _index_of(output: str, segments: list[Segment]) -> DoneIndex | None:
+    if not segments:
+        return None
+    fs, root = filesystem_for(output)
+    return DoneIndex(fs, root)
+
+
+def list_folder_task(batch: pa.Table, *, output: str, segments: list[Segment], extensions) -> Iterator[pa.Table]:
+    """Ray ``map_batches`` function: one folder part (a JSON row of :func:`part_row`) -> its remaining URIs."""
+    yield from list_folder_part(_part_of(batch), extensions, _index_of(output, segments), segments)
+
+
+def read_manifest_task(batch: pa.Table, *, boundaries: list[str]) -> Iterator[pa.Table]:
+    """Ray ``map_batches`` function: one manifest part -> its entries, each with the key range it falls in."""
+    for table in read_manifest_part(_part_of(batch)):
+        yield table.append_column("range", range_of(table.column("uri"), boundaries))
+
+
+def remaining_in_range_task(group: pa.Table, *, output: str, segments: list[Segment]) -> pa.Table:
+    """Ray ``map_groups`` function: one key range of a manifest -> each URI once, minus the done ones."""
+    return remaining_in_range(group.drop_columns(["range"]), _index_of(output, segments), segments)
+
+
 __all__ = [
     "DEFAULT_EXTENSIONS",
     "LISTED_SCHEMA",
@@ -331,9 +370,13 @@ __all__ = [
     "check_input",
     "is_manifest",
     "list_folder_part",
+    "list_folder_task",
     "manifest_boundaries",
     "plan_listing",
     "range_of",
+    "part_row",
     "read_manifest_part",
+    "read_manifest_task",
     "remaining_in_range",
+    "remaining_in_range_task",
 ]

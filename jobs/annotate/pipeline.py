@@ -18,15 +18,11 @@ An actor that dies (OOM, preempted node) is restarted by Ray and its in-flight b
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
-
-import pyarrow as pa
 
 import detr
 from coco import DETECTIONS_SCHEMA
@@ -34,22 +30,21 @@ from detr.image_decoding import ImageDecodeError
 from jobs.annotate.actor_plan import ActorPlan, plan_actors
 from jobs.annotate.decoding import prepare_images
 from jobs.annotate.detector import Detector, DetectorConfig
-from jobs.annotate.done_index import DoneIndex, Segment
+from jobs.annotate.done_index import Segment
 from jobs.annotate.listing import (
-    ListingPart,
     check_input,
-    list_folder_part,
+    list_folder_task,
     manifest_boundaries,
+    part_row,
     plan_listing,
-    range_of,
-    read_manifest_part,
-    remaining_in_range,
+    read_manifest_task,
+    remaining_in_range_task,
 )
 from jobs.annotate.output import OutputFolder, RunFilenames, Summary
 from jobs.annotate.render import render_detections
 from jobs.annotate.settings import AnnotateConfig, AnnotateError
 from jobs.cli import JobFailedError
-from storage import KeyRange, arrow_filesystem, filesystem_for, redact
+from storage import arrow_filesystem, redact
 
 if TYPE_CHECKING:  # Ray is imported when the job runs, so --help and argument errors stay instant
     import ray
@@ -68,8 +63,9 @@ BLOCK_BYTES = 1024**2
 DECODE_MEMORY = 1024**3
 
 
-# Listing streams running at once: each holds a page and one index part per segment.
-LISTING_CONCURRENCY = 16
+# Listing streams running at once, each in a worker of its own (~10^4 keys/s each on S3): each
+# holds a page and one index part per segment.
+LISTING_CONCURRENCY = 8
 # Bounded retries everywhere (Ray Data's default for tasks is unbounded): a listing or
 # decode task that fails this often has hit something a retry will not fix.
 TASK_RETRIES = 3
@@ -162,7 +158,7 @@ def build_dataset(
 
     block_rows = BATCHES_PER_BLOCK * plan.batch_size
     parts, _ = plan_listing(config.input, config.manifest_column)
-    rows = [{"part": json.dumps(dataclasses.asdict(p))} for p in parts]
+    rows = [part_row(p) for p in parts]
     inputs = ray.data.from_items(rows, override_num_blocks=len(rows))
     context = inputs.context  # a copy owned by this job's datasets: the settings below stay here
     context.target_max_block_size = BLOCK_BYTES
@@ -184,12 +180,12 @@ def build_dataset(
         "max_retries": TASK_RETRIES,
     }
     if parts[0].kind == "folder":
-        images = inputs.map_batches(_list_folder, fn_kwargs={**index, "extensions": config.extensions}, **listing)
+        images = inputs.map_batches(list_folder_task, fn_kwargs={**index, "extensions": config.extensions}, **listing)
     else:
         boundaries = manifest_boundaries(parts, len(parts))
-        entries = inputs.map_batches(_read_manifest, fn_kwargs={"boundaries": boundaries}, **listing)
-        images = entries.groupby("range").map_groups(
-            _remaining_in_range, batch_format="pyarrow", fn_kwargs=index, num_cpus=0.25, max_retries=TASK_RETRIES
+        entries = inputs.map_batches(read_manifest_task, fn_kwargs={"boundaries": boundaries}, **listing)
+        images = entries.groupby("range", num_partitions=len(boundaries) + 1).map_groups(
+            remaining_in_range_task, batch_format="pyarrow", fn_kwargs=index, num_cpus=0.25, max_retries=TASK_RETRIES
         )
     if config.limit is not None:
         images = images.limit(config.limit)
@@ -218,37 +214,6 @@ def build_dataset(
         # Ray Data's actor-pool default restarts a dead actor and retries its batches; decoding
         # already bounds what reaches an actor (max-size^2 pixels, bombs rejected).
     )
-
-
-def _part(batch: pa.Table) -> ListingPart:
-    values = json.loads(batch.column("part")[0].as_py())
-    values["key_range"] = KeyRange(**values["key_range"])
-    values["row_groups"] = tuple(values["row_groups"])
-    values["byte_range"] = tuple(values["byte_range"])
-    return ListingPart(**values)
-
-
-def _index(output: str, segments: list[Segment]) -> DoneIndex | None:
-    if not segments:
-        return None
-    fs, root = filesystem_for(output)
-    return DoneIndex(fs, root)
-
-
-def _list_folder(batch: pa.Table, *, output: str, segments: list[Segment], extensions) -> Iterator[pa.Table]:
-    """The listing task of one key range of a folder/prefix."""
-    yield from list_folder_part(_part(batch), extensions, _index(output, segments), segments)
-
-
-def _read_manifest(batch: pa.Table, *, boundaries: list[str]) -> Iterator[pa.Table]:
-    """The reading task of one manifest part: its entries, each with the key range it belongs to."""
-    for table in read_manifest_part(_part(batch)):
-        yield table.append_column("range", range_of(table.column("uri"), boundaries))
-
-
-def _remaining_in_range(group: pa.Table, *, output: str, segments: list[Segment]) -> pa.Table:
-    """One key range of a manifest: each URI once, minus the done ones."""
-    return remaining_in_range(group.drop_columns(["range"]), _index(output, segments), segments)
 
 
 def _bad_image_reason(error: BaseException) -> str | None:

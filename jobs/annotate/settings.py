@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import detr
+from jobs.annotate.listing import DEFAULT_EXTENSIONS
 from jobs.cli import HelpFormatter, UserError
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 DEFAULT_OUTPUT = "./detr-ray-output"
-DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # Images per model call when --batch-size is not given. On CPU, 4 amortizes each call's share of
 # the pipeline's per-task work better than 2 (benchmarks/RESULTS.md); GPUs want bigger batches.
 CPU_BATCH_SIZE = 4

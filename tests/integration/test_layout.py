@@ -101,6 +101,7 @@ def test_jobs_do_not_import_each_other(job):
         ("import storage", ("torch", "ray", "detr", "coco", "jobs")),
         ("import detr", ("ray", "jobs", "storage", "coco")),
         ("import jobs.score", ("torch", "ray", "detr")),  # scoring stays a NumPy job
+        ("import jobs.annotate.listing", ("torch", "detr")),  # listing workers stay small
     ],
 )
 def test_what_an_import_pulls_in(statement, absent):
