@@ -6,10 +6,24 @@ This package imports neither torch, Ray nor the model.
 """
 
 from .errors import StorageError, one_line
-from .objects import read_objects
+from .faults import is_transient
+from .objects import (
+    DEFAULT_MAX_OBJECT_BYTES,
+    ObjectTooLargeError,
+    ReadPolicy,
+    TransientReadError,
+    iter_objects,
+    read_objects,
+)
 from .uris import arrow_filesystem, filesystem_for, is_local, read_bytes, write_bytes
 
 __all__ = [
+    "DEFAULT_MAX_OBJECT_BYTES",
+    "ObjectTooLargeError",
+    "ReadPolicy",
+    "TransientReadError",
+    "is_transient",
+    "iter_objects",
     "StorageError",
     "arrow_filesystem",
     "filesystem_for",
