@@ -10,7 +10,10 @@ one process with one thread:
   shrinks to half or less is decoded at libjpeg's reduced scale, then resized by DETR's rule;
 * the same with ``reduced_jpeg=False`` (``--full-jpeg-decode``): every pixel decoded first;
 * transformers' ``DetrImageProcessor`` (resize only, ``do_normalize=False`` and no padding,
-  so it does the same work) on a full PIL decode: the peer.
+  so it does the same work) on a full PIL decode: the peer;
+* ``decode_resized`` in a :class:`jobs.annotate.decoder_process.DecoderProcess` (what a retried
+  decode task does: bytes to a child process, resized pixels back through a pipe), against the
+  same call in this process.
 
 It also prints the mean absolute difference (0-255 scale) between the reduced and the full
 path's resized pixels. Medians of the repeats.
@@ -33,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from detr.image_decoding import decode_resized  # noqa: E402
+from jobs.annotate.decoder_process import DecoderProcess  # noqa: E402
+from jobs.annotate.decoding import DecodeSettings, decode_object  # noqa: E402
 
 COCO_PHOTO = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017" / "000000000139.jpg"
 
@@ -87,9 +92,12 @@ def main(args: argparse.Namespace) -> None:
     )
     print(
         "| source | ours (reduced JPEG decode) img/s | ours, --full-jpeg-decode img/s | DetrImageProcessor img/s "
-        "| ours vs processor | mean abs pixel difference reduced vs full |"
+        "| ours vs processor | mean abs pixel difference reduced vs full | in a child process img/s "
+        "| child vs in process |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
+    settings = DecodeSettings(args.min_size, args.max_size)
+    child = DecoderProcess(decode_object, settings)
     for label, size in (
         ("640x480 (as stored)", None),
         ("4032x3024 (12 MP)", (4032, 3024)),
@@ -107,10 +115,13 @@ def main(args: argparse.Namespace) -> None:
         full = median_seconds(lambda: ours(False), args.repeats)
         reference = median_seconds(peer, args.repeats)
         difference = (ours(True).float() - ours(False).float()).abs().mean().item()
+        in_process = median_seconds(lambda data=data: decode_object("bench", data, settings), args.repeats)
+        isolated = median_seconds(lambda data=data: child.decode("bench", data), args.repeats)
         print(
             f"| {label} | {1 / reduced:.1f} | {1 / full:.1f} | {1 / reference:.1f} | {reference / reduced:.2f}x "
-            f"| {difference:.2f} |"
+            f"| {difference:.2f} | {1 / isolated:.1f} | {in_process / isolated:.2f}x |"
         )
+    child.close()
 
 
 if __name__ == "__main__":

@@ -38,3 +38,4 @@ DETECTIONS_SCHEMA = pa.schema(
 )
 # What scoring and export read: the rest is for people and other tools.
 SCORED_COLUMNS = ("uri", "detections", "error")
+RETRYABLE_ERROR_PREFIX = "retryable: "  # the next run retries rows whose error starts so
