@@ -89,6 +89,11 @@ class DecoderProcess:
             raise ImageDecodeError(value)
         return value
 
+    @property
+    def pid(self) -> int:
+        """The child's process id (started if it is not running)."""
+        return self._started().pid
+
     def close(self) -> None:
         if self._child is not None:
             self._child.kill()
