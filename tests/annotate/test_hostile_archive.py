@@ -24,6 +24,7 @@ from coco import DETECTIONS_SCHEMA
 from coco.detection_table import RETRYABLE_ERROR_PREFIX
 from detr.image_decoding import FORMATS
 from jobs.annotate import main, parse_config
+from jobs.annotate.settings import AnnotateError
 from storage import filesystem_for
 
 from conftest import KILL_DECODER_NAME
@@ -203,6 +204,9 @@ def test_help_lists_the_formats_and_the_size_limit(capsys):
     assert "--max-object-bytes" in help_text and "(64 MiB by default)" in help_text
     assert f"only {', '.join(FORMATS)} images are decoded" in help_text
     assert "no external program is ever run" in help_text
+    with pytest.raises(AnnotateError, match="--max-object-bytes must be at least 1, got 0"):
+        parse_config(["--max-object-bytes", "0"])
+    assert parse_config(["--max-object-bytes", "1000"]).max_object_bytes == 1000
 
 
 def test_task_attempt_tells_a_retry_from_a_first_run(ray_cluster, tmp_path):
