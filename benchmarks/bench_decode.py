@@ -10,7 +10,11 @@ one process with one thread:
   shrinks to half or less is decoded at libjpeg's reduced scale, then resized by DETR's rule;
 * the same with ``reduced_jpeg=False`` (``--full-jpeg-decode``): every pixel decoded first;
 * transformers' ``DetrImageProcessor`` (resize only, ``do_normalize=False`` and no padding,
-  so it does the same work) on a full PIL decode: the peer.
+  so it does the same work) on a full PIL decode: the peer;
+* ``decode_resized`` in a :class:`jobs.annotate.decoder_process.DecoderProcess` (what a retried
+  decode task does: bytes to a child process, resized pixels back through a pipe), against the
+  same call in this process, in CPU time of both processes (``--cpu-images`` decodes each), which
+  load from other work on the machine does not inflate.
 
 It also prints the mean absolute difference (0-255 scale) between the reduced and the full
 path's resized pixels. Medians of the repeats.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import time
@@ -33,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from detr.image_decoding import decode_resized  # noqa: E402
+from jobs.annotate.decoder_process import DecoderProcess  # noqa: E402
+from jobs.annotate.decoding import DecodeSettings, decode_object  # noqa: E402
 
 COCO_PHOTO = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017" / "000000000139.jpg"
 
@@ -42,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpu-images", type=int, default=40)
     return parser.parse_args(argv)
 
 
@@ -70,6 +78,22 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of this process, or of process ``pid`` (Linux /proc)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_image(run, count: int, child_pid: int | None = None) -> float:
+    run()  # warm-up
+    start = cpu_seconds() + (cpu_seconds(child_pid) if child_pid else 0.0)
+    for _ in range(count):
+        run()
+    return (cpu_seconds() + (cpu_seconds(child_pid) if child_pid else 0.0) - start) / count
+
+
 def main(args: argparse.Namespace) -> None:
     from transformers import DetrImageProcessor
 
@@ -87,9 +111,12 @@ def main(args: argparse.Namespace) -> None:
     )
     print(
         "| source | ours (reduced JPEG decode) img/s | ours, --full-jpeg-decode img/s | DetrImageProcessor img/s "
-        "| ours vs processor | mean abs pixel difference reduced vs full |"
+        "| ours vs processor | mean abs pixel difference reduced vs full | CPU ms/img in process "
+        "| CPU ms/img in a child process (both processes) | child vs in process |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
+    settings = DecodeSettings(args.min_size, args.max_size)
+    child = DecoderProcess(decode_object, settings)
     for label, size in (
         ("640x480 (as stored)", None),
         ("4032x3024 (12 MP)", (4032, 3024)),
@@ -107,10 +134,13 @@ def main(args: argparse.Namespace) -> None:
         full = median_seconds(lambda: ours(False), args.repeats)
         reference = median_seconds(peer, args.repeats)
         difference = (ours(True).float() - ours(False).float()).abs().mean().item()
+        in_process = cpu_per_image(lambda data=data: decode_object("bench", data, settings), args.cpu_images)
+        isolated = cpu_per_image(lambda data=data: child.decode("bench", data), args.cpu_images, child.pid)
         print(
             f"| {label} | {1 / reduced:.1f} | {1 / full:.1f} | {1 / reference:.1f} | {reference / reduced:.2f}x "
-            f"| {difference:.2f} |"
+            f"| {difference:.2f} | {in_process * 1e3:.1f} | {isolated * 1e3:.1f} | {isolated / in_process:.2f}x |"
         )
+    child.close()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ Every kind of input a bucket of "images" really holds is mapped to one of two ou
   ``not an image``, ``truncated JPEG`` (or PNG, ...), ``decompression bomb: ...``,
   ``unreadable: ...``.
 
+Only the formats in :data:`FORMATS` are decoded, whatever the file is named: anything else
+(PostScript, PDF, SVG, ...) is ``not an image``. Pillow would otherwise try every plugin it has,
+and its EPS plugin runs Ghostscript on the file: an external interpreter on untrusted input.
+Degenerate shapes (1 pixel high or wide, 1x1, any aspect ratio) decode and resize to at least
+1 pixel a side.
+
 :func:`decode_resized` is what batch inference wants: decode and resize to the model's input
 size in one step, large JPEGs at libjpeg's reduced scale.
 """
@@ -32,6 +38,10 @@ from .preprocess import resize_to, resized_shape
 # claims huge dimensions would make a decode worker allocate gigabytes.
 DEFAULT_MAX_PIXELS = 89_478_485
 
+# Pillow's names for the formats we decode; "JPEG" includes MPO, the multi-picture JPEG of many
+# phones and cameras (Pillow opens it through the JPEG plugin and reports "MPO"; first picture).
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_JPEG_FORMATS = ("JPEG", "MPO")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 _ORIENTATION = 0x0112  # EXIF tag
@@ -57,7 +67,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     """Decode an encoded image into an upright RGB array.
 
     Args:
-        data: the file's bytes (JPEG, PNG, WebP, GIF, BMP, TIFF, ... whatever Pillow reads).
+        data: the file's bytes, in one of :data:`FORMATS` (GIF and TIFF: the first frame).
         max_pixels: images claiming more pixels than this are rejected before decoding.
     Returns:
         uint8 array ``(H, W, 3)``; ``H, W`` are the EXIF-transposed height and width.
@@ -87,7 +97,7 @@ def decode_resized(
     image = _open(data, max_pixels)
     height, width = _upright_size(image)
     target = resized_shape(height, width, min_size, max_size)
-    if reduced_jpeg and image.format == "JPEG" and min(target) * 2 <= min(height, width):
+    if reduced_jpeg and image.format in _JPEG_FORMATS and min(target) * 2 <= min(height, width):
         scale = min(target) / min(height, width)
         # draft() picks the largest DCT reduction that keeps the image at least this size (stored orientation).
         image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
@@ -104,7 +114,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # Our own limit below decides; PIL's warning between 1x and 2x its limit is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image") from None
     except Image.DecompressionBombError as error:  # beyond 2x PIL's limit: refused while reading the header

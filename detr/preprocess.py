@@ -35,7 +35,11 @@ class ImageBatch:
 
 def resized_shape(height: int, width: int, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE) -> tuple[int, int]:
     """(height, width) after scaling the shortest side to ``min_size`` without the longest
-    exceeding ``max_size`` (the rule of DETR and ``DetrImageProcessor``)."""
+    exceeding ``max_size`` (the rule of DETR and ``DetrImageProcessor``).
+
+    Each side is at least 1 pixel: the rule rounds the short side of an extreme strip (a 20000x1
+    panorama) to 0, and DETR runs on a 1-pixel-high image where a 0-pixel one cannot be resized.
+    """
     if min_size < 1 or max_size < min_size:
         raise ValueError(f"need 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     short, long = float(min(height, width)), float(max(height, width))
@@ -48,8 +52,8 @@ def resized_shape(height: int, width: int, min_size: int = MIN_SIZE, max_size: i
         return height, width
     scale = raw if raw is not None else size
     if width < height:
-        return int(scale * height / width), int(size)
-    return int(size), int(scale * width / height)
+        return max(1, int(scale * height / width)), max(1, int(size))
+    return max(1, int(size)), max(1, int(scale * width / height))
 
 
 def to_chw_uint8(image: ImageLike) -> Tensor:

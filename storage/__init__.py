@@ -7,20 +7,34 @@ This package imports neither torch, Ray nor the model.
 
 from .errors import StorageError, one_line
 from .exclusive import create_exclusive
+from .faults import is_transient
 from .listing import KeyRange, iter_folder, iter_sorted, split_ranges
-from .objects import read_objects
+from .objects import (
+    DEFAULT_MAX_OBJECT_BYTES,
+    ObjectTooLargeError,
+    ReadPolicy,
+    TransientReadError,
+    iter_objects,
+    read_objects,
+)
 from .redaction import carries_secret, redact
 from .uris import arrow_filesystem, filesystem_for, is_local, read_bytes, write_bytes
 
 __all__ = [
+    "DEFAULT_MAX_OBJECT_BYTES",
     "KeyRange",
+    "ObjectTooLargeError",
+    "ReadPolicy",
     "StorageError",
+    "TransientReadError",
     "arrow_filesystem",
     "carries_secret",
     "create_exclusive",
     "filesystem_for",
     "is_local",
+    "is_transient",
     "iter_folder",
+    "iter_objects",
     "iter_sorted",
     "one_line",
     "read_bytes",

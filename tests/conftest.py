@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 COCO_MINI = SHARED_DATA / "coco-mini"
 sys.path.insert(0, str(Path(__file__).parent))  # tests/checkpoints.py
+KILL_DECODER_NAME = "kill-decoder-test-hook"  # see the ray_cluster fixture
 
 
 def free_port() -> int:
@@ -77,7 +78,9 @@ def ray_cluster(s3_server):
         object_store_memory=1 << 30,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        # The decoder's test hook (jobs/annotate/decoder_process.py): an object whose URI holds
+        # this string kills the process that decodes it; no other test names one so.
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "DETR_RAY_TEST_KILL_DECODER": KILL_DECODER_NAME}},
     )
     yield ray
     ray.shutdown()

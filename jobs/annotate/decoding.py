@@ -1,16 +1,26 @@
 """The pipeline's CPU stage: read a block of URIs, decode and resize each image for the model.
 
-Decoding itself is :func:`detr.decode_resized` (EXIF upright, any mode to RGB, large JPEGs at
-reduced scale, one-line reasons for anything that is not a usable image); here each URI becomes
-one row of :data:`PREPARED_SCHEMA`, so the model actors only normalize and pad.
+Every input row becomes exactly one row of :data:`PREPARED_SCHEMA`, whatever the object holds:
+the resized pixels, or an ``error`` of one line, and never an exception out of the task
+(``--fail-on-error`` aside). Reading is :func:`storage.iter_objects` (literal names, a size cap,
+transient faults read again with backoff); decoding is :func:`detr.decode_resized` (only
+:data:`detr.image_decoding.FORMATS`, EXIF upright, any mode to RGB, large JPEGs at reduced scale).
+
+Errors a later run should try again (the store still throttling or failing after every attempt)
+start with :data:`coco.detection_table.RETRYABLE_ERROR_PREFIX`; all others are final.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pyarrow as pa
 
+from coco.detection_table import RETRYABLE_ERROR_PREFIX
 from detr.image_decoding import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_resized
-from storage import one_line, read_objects
+from jobs.annotate.decoder_process import DecoderProcess, kill_if_test_hook_matches
+from storage import ObjectTooLargeError, ReadPolicy, TransientReadError, iter_objects, one_line
 
 # The CPU stage's output, one row per input URI; ``pixels`` holds the resized image as
 # uint8 CHW bytes (empty on error), so blocks stay plain Arrow.
@@ -27,6 +37,57 @@ PREPARED_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How an object's bytes become the model's input (see :func:`detr.decode_resized`)."""
+
+    min_size: int
+    max_size: int
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the decompression-bomb limit
+    reduced_jpeg: bool = True  # decode large JPEGs at reduced scale
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded image: uint8 CHW ``pixels`` of ``resized`` (h, w); ``size`` is the upright
+    (height, width) of the full image, in which boxes are reported."""
+
+    pixels: bytes
+    resized: tuple[int, int]
+    size: tuple[int, int]
+
+
+def decode_object(uri: str, data: bytes, settings: DecodeSettings) -> Decoded:
+    """Decode and resize one object (in this process or a :class:`DecoderProcess`).
+
+    Raises:
+        ImageDecodeError: with a one-line reason, also for what the decoder did not foresee.
+    """
+    kill_if_test_hook_matches(uri)
+    try:
+        resized, size = decode_resized(  # uint8 (3, h, w)
+            data,
+            min_size=settings.min_size,
+            max_size=settings.max_size,
+            max_pixels=settings.max_pixels,
+            reduced_jpeg=settings.reduced_jpeg,
+        )
+    except ImageDecodeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - one object's surprise is that object's error row
+        raise ImageDecodeError(f"cannot decode: {type(error).__name__}: {one_line(error)}") from None
+    return Decoded(resized.contiguous().numpy().tobytes(), (resized.shape[1], resized.shape[2]), size)
+
+
+def read_failure_reason(error: Exception) -> str:
+    """The row's ``error`` for an object that could not be read."""
+    if isinstance(error, TransientReadError):
+        return f"{RETRYABLE_ERROR_PREFIX}{error}"  # "retryable: HTTP 503 SlowDown after 3 attempts"
+    if isinstance(error, ObjectTooLargeError):
+        return f"too large: {error} (--max-object-bytes)"
+    return f"unreadable: {one_line(error)}"
+
+
 def prepare_images(
     batch: pa.Table,
     *,
@@ -35,34 +96,59 @@ def prepare_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     fail_on_error: bool = False,
     reduced_jpeg: bool = True,
+    read_policy: ReadPolicy = ReadPolicy(),
+    isolate_decoder: bool = False,
 ) -> pa.Table:
     """The pipeline's CPU stage: read, decode and resize a batch of images.
 
     Args:
-        batch: a table with a ``uri`` string column.
+        batch: a table with a ``uri`` string column and optionally ``size`` (int64 bytes from the
+            listing, null where unknown): an object known to exceed ``read_policy.max_bytes`` is
+            not read at all.
         min_size, max_size: DETR's resize rule (see :func:`detr.resized_shape`).
         max_pixels: the decompression-bomb limit.
         fail_on_error: raise :class:`ImageDecodeError` naming the first bad object instead of
             returning an error row (``--fail-on-error``).
-        reduced_jpeg: decode large JPEGs at reduced scale (see :func:`decode_resized`).
+        reduced_jpeg: decode large JPEGs at reduced scale (see :func:`detr.decode_resized`).
+        read_policy: size cap, attempts on transient faults and read concurrency.
+        isolate_decoder: decode each object in a child process, so one that crashes or hangs
+            the decoder becomes an error row (a retried block; see :mod:`jobs.annotate.decoder_process`).
     Returns:
         A table in :data:`PREPARED_SCHEMA`, one row per input row, in input order.
     """
     uris = batch.column("uri").to_pylist()
+    sizes = batch.column("size").to_pylist() if "size" in batch.column_names else None
+    settings = DecodeSettings(min_size, max_size, max_pixels, reduced_jpeg)
     columns: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
-    for uri, content in zip(uris, read_objects(uris)):
-        try:
-            if isinstance(content, Exception):
-                raise ImageDecodeError(f"unreadable: {one_line(content)}")
-            resized, (height, width) = decode_resized(  # uint8 (3, h, w)
-                content, min_size=min_size, max_size=max_size, max_pixels=max_pixels, reduced_jpeg=reduced_jpeg
-            )
-        except ImageDecodeError as error:
-            if fail_on_error:
-                raise ImageDecodeError(f"{uri}: {error.reason}") from None
-            row = (uri, None, None, error.reason, 0, 0, b"")
-        else:
-            row = (uri, width, height, None, resized.shape[1], resized.shape[2], resized.contiguous().numpy().tobytes())
-        for name, value in zip(PREPARED_SCHEMA.names, row):
-            columns[name].append(value)
+    with DecoderProcess(decode_object, settings) if isolate_decoder else _InProcess(settings) as decoder:
+        for uri, content in zip(uris, iter_objects(uris, sizes, read_policy)):
+            try:
+                if isinstance(content, Exception):
+                    raise ImageDecodeError(read_failure_reason(content))
+                decoded: Decoded = decoder.decode(uri, content)
+            except ImageDecodeError as error:
+                if fail_on_error:
+                    raise ImageDecodeError(f"{uri}: {error.reason}") from None
+                row = (uri, None, None, error.reason, 0, 0, b"")
+            else:
+                height, width = decoded.size
+                row = (uri, width, height, None, *decoded.resized, decoded.pixels)
+            for name, value in zip(PREPARED_SCHEMA.names, row):
+                columns[name].append(value)
     return pa.table(columns, schema=PREPARED_SCHEMA)
+
+
+class _InProcess:
+    """:class:`DecoderProcess`'s interface, decoding in this process."""
+
+    def __init__(self, settings: DecodeSettings, decode: Callable[..., Decoded] = decode_object) -> None:
+        self.settings, self._decode = settings, decode
+
+    def decode(self, uri: str, data: bytes) -> Decoded:
+        return self._decode(uri, data, self.settings)
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass

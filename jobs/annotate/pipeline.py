@@ -12,7 +12,10 @@ materialize, no set of done URIs):
 5. write Parquet files as blocks arrive; then index this run's files, write ``_SUCCESS.json``
    (``--render`` then draws a few of them: :mod:`jobs.annotate.render`).
 
-An actor that dies (OOM, preempted node) is restarted by Ray and its in-flight batches are retried.
+Every stage's retries are bounded. A decode task whose worker dies is retried; the retry decodes
+each object in a child process, so an object that crashes the decoder becomes an error row
+(:mod:`jobs.annotate.decoder_process`). An actor that dies (OOM, preempted node) is restarted by
+Ray and its in-flight batches are retried.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import re
 import time
 import uuid
+import warnings
 from typing import TYPE_CHECKING
 
 import detr
@@ -44,9 +48,10 @@ from jobs.annotate.output import OutputFolder, RunFilenames, Summary
 from jobs.annotate.render import render_detections
 from jobs.annotate.settings import AnnotateConfig, AnnotateError
 from jobs.cli import JobFailedError
-from storage import arrow_filesystem, redact
+from storage import ReadPolicy, arrow_filesystem, redact
 
 if TYPE_CHECKING:  # Ray is imported when the job runs, so --help and argument errors stay instant
+    import pyarrow as pa
     import ray
 
 # Model batches per decode task: enough that task overhead is noise, few enough that a few
@@ -61,14 +66,18 @@ BLOCK_BYTES = 1024**2
 # Per decode task: the worker (~0.45 GB) and one image at the decompression-bomb limit. Distinct
 # resources also keep Ray from fusing decoding into the actor pool, behind inference.
 DECODE_MEMORY = 1024**3
+# Ray Data retries tasks and actor calls forever by default. A task is retried when its worker
+# dies; a decode task's first retry isolates the decoder, the others cover lost nodes.
+TASK_RETRIES = 3
+# A batch whose actor died is tried again on a restarted actor; a batch that kills every actor it
+# reaches must end the job, not restart actors forever. Actors themselves may restart any number
+# of times (a long run on preemptible nodes loses many), each restart charged to the batches lost.
+ACTOR_TASK_RETRIES = 3
 
 
 # Listing streams running at once, each in a worker of its own (~10^4 keys/s each on S3): each
 # holds a page and one index part per segment.
 LISTING_CONCURRENCY = 8
-# Bounded retries everywhere (Ray Data's default for tasks is unbounded): a listing or
-# decode task that fails this often has hit something a retry will not fix.
-TASK_RETRIES = 3
 
 
 class BadImageError(JobFailedError):
@@ -136,6 +145,7 @@ def _write(annotated, config: AnnotateConfig, plan: ActorPlan, path: str, filesy
             schema=DETECTIONS_SCHEMA,
             filename_provider=RunFilenames(run_id),
             min_rows_per_file=config.rows_per_file,
+            ray_remote_args={"max_retries": TASK_RETRIES},  # a retried write task rewrites its own file name
         )
     except ray.exceptions.GetTimeoutError:
         raise AnnotateError(
@@ -156,6 +166,9 @@ def build_dataset(
     """The lazy pipeline: listing parts -> not-yet-done URIs -> decode tasks -> detector actors."""
     import ray
 
+    # Ray 2.60 takes retry bounds only as map_batches' **ray_remote_args, deprecated for 2.64
+    # with no named replacement yet: the bounds matter more than the warning.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
     block_rows = BATCHES_PER_BLOCK * plan.batch_size
     parts, _ = plan_listing(config.input, config.manifest_column)
     rows = [part_row(p) for p in parts]
@@ -190,7 +203,7 @@ def build_dataset(
     if config.limit is not None:
         images = images.limit(config.limit)
     prepared = images.repartition(target_num_rows_per_block=block_rows).map_batches(
-        prepare_images,
+        _prepare_block,
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=1,
@@ -201,6 +214,7 @@ def build_dataset(
             "max_size": config.max_size,
             "fail_on_error": config.fail_on_error,
             "reduced_jpeg": not config.full_jpeg_decode,
+            "read_policy": ReadPolicy(max_bytes=config.max_object_bytes),
         },
     )
     return prepared.map_batches(
@@ -211,9 +225,27 @@ def build_dataset(
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
-        # Ray Data's actor-pool default restarts a dead actor and retries its batches; decoding
-        # already bounds what reaches an actor (max-size^2 pixels, bombs rejected).
+        # Decoding already bounds what reaches an actor (max-size^2 pixels, bombs rejected).
+        max_restarts=-1,
+        max_task_retries=ACTOR_TASK_RETRIES,
     )
+
+
+def _prepare_block(batch: pa.Table, **settings) -> pa.Table:
+    """The decode task: :func:`prepare_images`, with the decoder isolated when Ray retries the
+    task (its worker died, maybe of a decoder crash on one of these objects)."""
+    return prepare_images(batch, isolate_decoder=_task_attempt() > 0, **settings)
+
+
+def _task_attempt() -> int:
+    """0 for a task's first run, 1 for its first retry, ... (1 where Ray no longer says: isolating
+    every block is slower but safe)."""
+    import ray
+
+    try:
+        return ray._private.worker.global_worker.core_worker.get_current_task_attempt_number()
+    except AttributeError:
+        return 1
 
 
 def _bad_image_reason(error: BaseException) -> str | None:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import detr
+from detr.image_decoding import FORMATS
 from jobs.annotate.listing import DEFAULT_EXTENSIONS
 from jobs.cli import HelpFormatter, UserError
+from storage import DEFAULT_MAX_OBJECT_BYTES
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 DEFAULT_OUTPUT = "./detr-ray-output"
@@ -46,9 +48,10 @@ class AnnotateConfig:
     render_dir: str | None = None  # ... under this folder URI
     full_jpeg_decode: bool = False
     fail_on_error: bool = False
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # larger objects become error rows, unread
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "limit", "rows_per_file"):
+        for name in ("batch_size", "limit", "rows_per_file", "max_object_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AnnotateError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Object storage: s3:// (and S3-compatible stores through AWS_ENDPOINT_URL), gs://, any fsspec URI; "
             "credentials come from the usual environment/config chain, never from arguments. "
             "Re-running with the same OUTPUT resumes: images already written are skipped. "
+            f"Every object listed gets one row; only {', '.join(FORMATS)} images are decoded (GIF, TIFF: the first "
+            "frame; JPEG includes MPO), anything else is an error row 'not an image', and no external program "
+            "is ever run on an object. "
             "Exit codes: 0 done, 1 --fail-on-error stopped at a bad image, 2 unusable arguments, input or weights. "
             "COCO results JSON from OUTPUT: python -m jobs.coco_export OUTPUT ANNOTATIONS.json RESULTS.json."
         ),
@@ -174,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(~6x faster for 12-megapixel photos, ~0.2/255 mean pixel difference)",
     )
     parser.add_argument(
+        "--max-object-bytes",
+        type=int,
+        default=d.max_object_bytes,
+        metavar="BYTES",
+        help=f"objects larger than this ({d.max_object_bytes / 2**20:g} MiB by default) become error rows 'too large' "
+        "without being read",
+    )
+    parser.add_argument(
         "--fail-on-error",
         action="store_true",
         help="stop the job (exit 1) at the first image that cannot be read or decoded, instead of writing an error row",
@@ -209,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         render_dir=args.render[1] if args.render else None,
         full_jpeg_decode=args.full_jpeg_decode,
         fail_on_error=args.fail_on_error,
+        max_object_bytes=args.max_object_bytes,
     )
 
 

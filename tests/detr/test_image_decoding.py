@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -197,3 +198,72 @@ def test_other_images_decode_exactly_as_a_full_decode(case):
     resized, size = decode_resized(data, min_size=min_size, max_size=max_size)
     expected, expected_size = full_decode_resized(data, min_size, max_size)
     assert size == expected_size and torch.equal(resized, expected)
+
+
+@pytest.mark.parametrize(
+    "fmt, width, height, expected",
+    [
+        ("PNG", 20000, 1, (1, 1333)),  # a panorama strip: the short side would round to 0
+        ("JPEG", 3000, 1, (1, 1333)),  # ... and a JPEG of it would divide by 0 choosing its reduced scale
+        ("JPEG", 1, 3000, (1333, 1)),
+        ("JPEG", 4000, 3, (1, 1333)),  # reduced-scale decode of an extreme strip
+        ("PNG", 1, 1, (800, 800)),
+        ("JPEG", 1, 1, (800, 800)),
+    ],
+)
+def test_degenerate_shapes_resize_to_at_least_one_pixel(fmt, width, height, expected):
+    data = encode(Image.new("RGB", (width, height), (200, 40, 40)), fmt)
+    resized, size = decode_resized(data, min_size=800, max_size=1333)
+    assert size == (height, width) and tuple(resized.shape) == (3, *expected)
+    assert (resized.float().mean(dim=(1, 2)) - torch.tensor([200.0, 40.0, 40.0])).abs().max() < 8
+    assert detr.resized_shape(height, width, 800, 1333) == expected
+
+
+def test_only_listed_formats_are_decoded(tmp_path):
+    image = Image.fromarray(quadrants())
+    for fmt in ("PPM", "TGA", "ICO", "PCX", "SGI"):  # images Pillow reads, but not ones we list
+        with pytest.raises(ImageDecodeError) as caught:
+            decode_image(encode(image, fmt))
+        assert caught.value.reason == "not an image", fmt
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"):
+        assert decode_image(encode(image, fmt)).shape == (60, 80, 3), fmt
+
+
+def test_postscript_named_jpg_is_not_an_image_and_ghostscript_never_runs(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    marker = tmp_path / "ghostscript-ran"
+    fake_gs = tmp_path / "bin" / "gs"
+    fake_gs.parent.mkdir()
+    fake_gs.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake_gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_gs.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow looks for gs again and finds ours
+    reasons = []
+    for data in (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n",
+        b"%!PS\n%%BoundingBox: 0 0 64 48\n(hello) show\nshowpage\n",
+    ):
+        with pytest.raises(ImageDecodeError) as caught:
+            decode_resized(data, min_size=32, max_size=64)
+        reasons.append(caught.value.reason)
+    assert not marker.exists(), "Ghostscript was started on untrusted input"
+    assert reasons == ["not an image", "not an image"]
+
+
+def test_camera_formats_decode_upright_first_frame():
+    red, blue = Image.new("RGB", (1600, 1200), (200, 30, 30)), Image.new("RGB", (1600, 1200), (30, 30, 200))
+    mpo = encode(red, "MPO", save_all=True, append_images=[blue])  # a phone's multi-picture JPEG
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    resized, size = decode_resized(mpo, min_size=200, max_size=333)
+    assert size == (1200, 1600) and tuple(resized.shape) == (3, 200, 266)
+    assert (resized.float().mean(dim=(1, 2)) - torch.tensor([200.0, 30.0, 30.0])).abs().max() < 4
+    progressive = encode(photo(600, 800), "JPEG", progressive=True, quality=90)
+    expected, _ = full_decode_resized(encode(photo(600, 800), "PNG"), 200, 333)
+    assert (decode_resized(progressive, min_size=200, max_size=333)[0].float() - expected.float()).abs().mean() < 3
+    frames = [Image.new("P", (40, 30), index) for index in (1, 2, 3)]
+    for frame in frames:
+        frame.putpalette([0, 0, 0, 250, 0, 0, 0, 250, 0, 0, 0, 250] + [0] * 756)
+    gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert Image.open(io.BytesIO(gif)).n_frames == 3
+    assert np.array_equal(decode_image(gif)[0, 0], [250, 0, 0])  # the first frame
