@@ -194,7 +194,13 @@ def test_store_faults_are_retried_in_the_read_and_persistent_ones_become_retryab
     assert rows["down.png"]["error"] == f"{RETRYABLE_ERROR_PREFIX}HTTP 503 SlowDown after 3 attempts"
     assert [rows[n]["error"] for n in ("flaky.png", "reset.png", "fine.png")] == [None, None, None]
     assert store.gets[f"/{s3_bucket}/in/flaky.png"] == 8  # 7 refused: the job read it a second time
-    # Resuming reads rows marked retryable again (jobs/annotate/output.py); the read heals with the store.
+
+    # The store is healthy again: the next run reads the retryable object, and only that one.
+    healed = run_job_with_worker_env(ray_cluster, argv, {"AWS_ENDPOINT_URL": s3_server})
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    assert "annotate: 1 images (1 ok, 0 errors)" in healed.stdout
+    after = [(row["uri"].rsplit("/", 1)[1], row["error"]) for row in read_output(str(output))]
+    assert sorted(after) == sorted([*((n, None) for n in names), ("down.png", rows["down.png"]["error"])])
 
 
 def test_help_lists_the_formats_and_the_size_limit(capsys):
