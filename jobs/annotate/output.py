@@ -121,7 +121,7 @@ class OutputFolder:
         """The index, brought in line with the files: files not in it yet (a killed run's, a file
         copied in) become a new segment; if indexed files are gone, the index is rebuilt."""
         segments = self.index.segments()
-        new, missing = _difference(self.files(), self.index.covered_files(segments), self.root)
+        new, missing = _difference(self.files(), self.index.covered_files(segments))
         if missing:
             print(
                 f"annotate: {len(missing)} indexed output file(s) are gone (e.g. {missing[0]}); "
@@ -153,8 +153,8 @@ class OutputFolder:
 
     def _segment_of(self, paths: list[str]) -> Segment:
         """A segment of the done URIs of ``paths``; unreadable files are left out (and deleted
-        when proven truncated)."""
-        used: list[str] = []
+        when proven truncated), so they are looked at again at the next start."""
+        used: list[str] = []  # filled while build() consumes done_uris(), read by it at the end
 
         def done_uris() -> Iterator[pa.Array]:
             with ThreadPoolExecutor(READ_THREADS) as pool:
@@ -330,7 +330,7 @@ def _clock(seconds: float) -> str:
     return time.strftime("%H:%M:%S UTC", time.gmtime(seconds))
 
 
-def _difference(listed: Iterator[str], covered: Iterator[str], root: str) -> tuple[list[str], list[str]]:
+def _difference(listed: Iterator[str], covered: Iterator[str]) -> tuple[list[str], list[str]]:
     """Merge the sorted file paths in OUTPUT with the sorted names the index covers: the paths it
     does not cover, and the covered names that are gone."""
     new: list[str] = []

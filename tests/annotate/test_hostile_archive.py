@@ -21,7 +21,7 @@ import s3fs
 from PIL import Image
 
 from coco import DETECTIONS_SCHEMA
-from coco.detection_table import RETRYABLE_ERROR_PREFIX
+from coco.detection_table import RETRYABLE_ERROR_PREFIX, table_files
 from detr.image_decoding import FORMATS
 from jobs.annotate import main, parse_config
 from jobs.annotate.settings import AnnotateError
@@ -89,7 +89,7 @@ def hostile_archive() -> tuple[dict[str, bytes], dict[str, tuple[int, int] | str
 def read_output(uri: str) -> list[dict]:
     fs, root = filesystem_for(uri)
     rows = []
-    for path in sorted(p for p in fs.find(root) if p.endswith(".parquet")):
+    for path in table_files(fs, root):
         with fs.open(path, "rb") as stream:
             table = pq.read_table(stream)
         assert table.schema.equals(DETECTIONS_SCHEMA)
@@ -199,8 +199,8 @@ def test_store_faults_are_retried_in_the_read_and_persistent_ones_become_retryab
     healed = run_job_with_worker_env(ray_cluster, argv, {"AWS_ENDPOINT_URL": s3_server})
     assert healed.returncode == 0, healed.stderr[-3000:]
     assert "annotate: 1 images (1 ok, 0 errors)" in healed.stdout
-    after = [(row["uri"].rsplit("/", 1)[1], row["error"]) for row in read_output(str(output))]
-    assert sorted(after) == sorted([*((n, None) for n in names), ("down.png", rows["down.png"]["error"])])
+    after = [(row["uri"].rsplit("/", 1)[1], row["error"] or "") for row in read_output(str(output))]
+    assert sorted(after) == sorted([*((n, "") for n in names), ("down.png", rows["down.png"]["error"])])
 
 
 def test_help_lists_the_formats_and_the_size_limit(capsys):
