@@ -287,7 +287,7 @@ def _read_parquet_rows(bucket: str, prefix: str) -> list[dict]:
     tables = [
         pq.read_table(pa.BufferReader(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
         for key in keys
-        if key.endswith(".parquet")
+        if key.endswith(".parquet") and not key[len(prefix) :].startswith("_")  # the job's _index/ is not data
     ]
     assert tables, f"no Parquet files under s3://{bucket}/{prefix}: {keys}"
     return pa.concat_tables(tables).to_pylist()
