@@ -186,11 +186,12 @@ class Checkpoints:
         metrics = {"epoch": state.epoch, "step": step, "position": progress.position}
         if self.spec.config.val_annotations is not None:
             metrics["val_AP"] = float("-inf")  # ranks below every epoch's AP: best.pth is an epoch end
+        started = time.perf_counter()
         self.save(state, metrics, f"epoch_{state.epoch:04d}_step_{step:08d}")
+        self.save_seconds.append(time.perf_counter() - started)
 
     def save(self, progress: RunProgress, metrics: dict, name: str) -> None:
         """Write (rank 0) and report (every rank) a checkpoint; Ray Train uploads it in the background."""
-        started = time.perf_counter()
         rng_states = _gather(_rng_state(self.cuda))
         self.skipped.update(*_gather(sorted(self.skipped)))
         self.progress = replace(progress, world_size=self.world_size, skipped_images=tuple(sorted(self.skipped)))
@@ -207,7 +208,6 @@ class Checkpoints:
             checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
         )
         self.last = time.monotonic()
-        self.save_seconds.append(time.perf_counter() - started)
         if self.curves is not None:
             self.curves.publish(self.progress.history)
 
@@ -301,7 +301,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if val_loader is not None and val_instances is not None:
             metrics |= evaluate(model, val_loader, val_instances, device, autocast)
         metrics |= {"epoch": epoch, "step": step, "lr": lr, **resumed, "epoch_seconds": time.perf_counter() - started}
-        metrics["checkpoint_seconds"] = sum(checkpoints.save_seconds)  # training time spent on mid-epoch saves
+        metrics["mid_epoch_checkpoints"] = len(checkpoints.save_seconds)
+        metrics["checkpoint_seconds"] = sum(checkpoints.save_seconds)  # training time they took (not the upload)
         checkpoints.save_seconds.clear()
         history.append(metrics)
         if rank == 0:

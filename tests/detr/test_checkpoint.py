@@ -234,3 +234,17 @@ def test_unknown_layout_and_inexpressible_models_are_refused(tmp_path):
         detr.save_pretrained(model, str(tmp_path / "x"), layout="onnx")
     with pytest.raises(ValueError, match="fixed position temperature of 10000; this model uses 20"):
         detr.save_pretrained(model, str(tmp_path / "x"), layout="hub")
+
+
+def test_hub_folder_image_processor_prepares_images_as_we_do(tmp_path):
+    from transformers import DetrImageProcessor
+
+    detr.save_pretrained(detr.DETR(tiny_config()), str(tmp_path), layout="hub", image_size=(128, 213))
+    processor = DetrImageProcessor.from_pretrained(tmp_path)
+    image = torch.randint(0, 256, (100, 300, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"]
+    ours = detr.preprocess([image], min_size=128, max_size=213).pixel_values
+
+    assert theirs.shape == ours.shape == (1, 3, 71, 213)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
