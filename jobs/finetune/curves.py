@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -93,6 +94,7 @@ class TrainingCurves:
             self.pending.result()
         self.uploads.submit(self._upload, list(history)).result()
         self.uploads.shutdown()
+        shutil.rmtree(self.local, ignore_errors=True)
 
     def _upload(self, history: list[dict]) -> None:
         # Failures are logged, not raised: curves must never cost the training they describe.

@@ -151,11 +151,21 @@ class Checkpoints:
     votes (steps on every rank, minutes by rank 0's clock), the per-step loss curves, the mid-epoch saves.
     """
 
-    def __init__(self, spec: TrainingSpec, model: nn.Module, optimizer, scheduler, scaler, cuda: bool, progress):
+    def __init__(
+        self,
+        spec: TrainingSpec,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler | None,
+        progress: RunProgress,
+        dataset_size: int,
+        cuda: bool,
+    ) -> None:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.spec, self.model, self.optimizer, self.scheduler, self.scaler = spec, model, optimizer, scheduler, scaler
-        self.cuda, self.progress, self.dataset_size = cuda, progress, None
+        self.progress, self.dataset_size, self.cuda = progress, dataset_size, cuda
         self.curves = TrainingCurves(spec.config.output, progress.step) if self.rank == 0 else None
         self.skipped: set[str] = set(progress.skipped_images)
         self.last = time.monotonic()
@@ -174,7 +184,7 @@ class Checkpoints:
             self.curves.add_step(step, losses)
 
     def checkpoint(self, step: int, progress: EpochProgress) -> None:
-        if self.dataset_size is not None and progress.position >= self.dataset_size:
+        if progress.position >= self.dataset_size:
             return  # the epoch's last step: its end-of-epoch checkpoint follows at once
         state = replace(
             self.progress,
@@ -254,8 +264,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if scaler is not None and training_state["scaler"] is not None:
             scaler.load_state_dict(training_state["scaler"])
     train_loader, val_loader, val_instances = build_loaders(spec, rank, world_size, cuda)
-    checkpoints = Checkpoints(spec, model, optimizer, scheduler, scaler, cuda, progress)
-    checkpoints.dataset_size = len(train_loader.dataset)
+    dataset_size = len(train_loader.dataset)
+    checkpoints = Checkpoints(spec, model, optimizer, scheduler, scaler, progress, dataset_size, cuda)
     resumed = {"resumed_from_epoch": progress.epoch, "resumed_from_step": progress.step}
     resumed["resumed_at_position"] = progress.position
     if rank == 0 and checkpoint is not None:
@@ -292,7 +302,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 scaler,
                 progress=epoch_progress,
                 hooks=checkpoints,
-                dataset_size=checkpoints.dataset_size,
+                dataset_size=dataset_size,
             )
         except (NonFiniteLossError, TooManyBadImagesError) as error:
             checkpoints.close()

@@ -193,13 +193,14 @@ def test_learns_synthetic_shapes_with_two_workers(ray_cluster, tmp_path):
 
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """``{tag: [(step, value), ...]}`` of every TensorBoard event file in ``folder`` (TFRecord framing:
-    length, its CRC, the Event protobuf, its CRC)."""
+    """``{tag: [(step, value), ...]}`` of every TensorBoard event file in ``folder``, plus ``"session start"``:
+    the steps at which a writer told TensorBoard to drop the earlier files' later events (``purge_step``).
+    TFRecord framing: length, its CRC, the Event protobuf, its CRC."""
     import struct
 
-    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-    scalars: dict[str, list[tuple[int, float]]] = {}
+    scalars: dict[str, list[tuple[int, float]]] = {"session start": []}
     for path in sorted(folder.iterdir()):
         data = path.read_bytes()
         offset = 0
@@ -207,6 +208,8 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
             (length,) = struct.unpack("<Q", data[offset : offset + 8])
             event = Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                scalars["session start"].append((event.step, 0.0))
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
@@ -277,6 +280,7 @@ def test_killed_worker_resumes_mid_epoch_from_object_storage(ray_cluster, s3_buc
     fs.get(f"{s3_bucket}/run/tensorboard/", str(tmp_path / "tensorboard"), recursive=True)
     scalars = read_scalars(tmp_path / "tensorboard")
     assert {step for step, _ in scalars["train/loss"]} == set(range(2, 33, 2))
+    assert sorted(step for step, _ in scalars["session start"]) == [0, interrupted["resumed_from_step"]]
     assert [step for step, _ in scalars["epoch/loss"]] == [16, 32]
     assert fs.cat(f"{s3_bucket}/run/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
