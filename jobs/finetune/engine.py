@@ -210,10 +210,12 @@ def train_one_epoch(
             loss.backward()
         if config.clip_max_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
+        any_trained = reduced[_TRAINED] > 0  # else AdamW's decay and moments would move on zero gradients
         if scaler is not None:
-            scaler.step(optimizer)
+            if any_trained:
+                scaler.step(optimizer)
             scaler.update()
-        else:
+        elif any_trained:
             optimizer.step()
         step += 1
         position += batch.samples * world_size  # every worker draws as many samples (the sampler pads)
