@@ -318,6 +318,12 @@ def test_unusable_images_are_skipped_and_counted_and_a_changed_run_restarts_only
     assert [(m["images"], m["skipped_images"]) for m in metrics["epochs"]] == [(7, 1), (7, 1)]
     assert "1 unusable training images skipped" in capsys.readouterr().out
 
+    # --epochs is not part of the fingerprint: raising it extends the finished run by the missing epochs.
+    assert run([*argv, "--epochs", "3"]) == 0
+    extended = json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"]
+    assert extended[:2] == metrics["epochs"] and extended[2]["epoch"] == 2 and extended[2]["resumed_from_epoch"] == 2
+    assert "resuming " in capsys.readouterr().out
+
     # Another class table is refused before Ray Train starts (it used to fail the strict load, and be retried).
     document = json.loads((tmp_path / "train" / "annotations.json").read_text())
     document["categories"][0]["name"] = "box"
