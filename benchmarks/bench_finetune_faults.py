@@ -8,8 +8,8 @@ and what a checkpoint costs the training thread with a synchronous and an asynch
 Kill part: a local Ray cluster (4 logical CPUs), 2 Ray Train workers on CPU, the tiny DETR of
 tests/finetune (ResNet-18, width 64), synthetic 96 px shapes, batch 2 per worker, 3 epochs; the
 run folder is a local folder. For each policy a clean run and a faulted one: the faulted run's
-worker is SIGKILLed once the epoch-0 checkpoint is registered plus 80% of the clean run's epoch-1
-time, i.e. ~80% into epoch 1. Work lost = faulted wall time / clean wall time (1.0 = nothing lost;
+worker is SIGKILLed once rank 0 has logged the step 80% into epoch 1 (read from its local
+TensorBoard folder, ``--log-every-steps 1``). Work lost = faulted wall time / clean wall time (1.0 = nothing lost;
 the restart of the worker group is part of the loss).
 
 Checkpoint-cost part: one checkpoint of DETR-R50 (weights + AdamW state, as jobs.finetune.run_state
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import signal
 import sys
 import tempfile
@@ -47,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--every-steps", type=int, default=4, help="the 'after' policy's --checkpoint-every-steps")
     parser.add_argument("--kill-at", type=float, default=0.8, help="fraction of epoch 1 at which a worker is killed")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of (before, after) clean + faulted runs")
     return parser.parse_args(argv)
 
 
@@ -56,11 +56,35 @@ def _train_workers() -> list[dict]:
     return [a for a in state.actors().values() if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"]
 
 
-def timed_run(data: str, output: str, policy: list[str], args, kill_after: float | None) -> tuple[float, dict]:
-    """Wall seconds of one job run and its metrics; with ``kill_after``, a worker is killed that many seconds
-    after the epoch-0 checkpoint is registered."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+def latest_logged_step(since: float) -> int:
+    """The highest global step rank 0 has logged to its local TensorBoard folder (``--log-every-steps 1``) in a
+    run started at ``since``: how the benchmark sees training progress on this machine without touching it."""
+    import glob
+    import struct
 
+    from tensorboardX.proto.event_pb2 import Event
+
+    best = -1
+    for folder in glob.glob(f"{tempfile.gettempdir()}/detr-ray-tensorboard-*"):
+        if os.path.getmtime(folder) < since:
+            continue
+        for name in os.listdir(folder):
+            data = Path(folder, name).read_bytes()
+            offset = 0
+            while offset + 12 <= len(data):
+                (length,) = struct.unpack("<Q", data[offset : offset + 8])
+                if offset + 12 + length > len(data):
+                    break  # a record being written
+                event = Event.FromString(data[offset + 12 : offset + 12 + length])
+                offset += 12 + length + 4
+                if any(v.tag == "train/loss" for v in event.summary.value):
+                    best = max(best, event.step)
+    return best
+
+
+def timed_run(data: str, output: str, policy: list[str], args, kill_at_step: int | None) -> tuple[float, dict]:
+    """Wall seconds of one job run and its metrics; with ``kill_at_step``, a worker is SIGKILLed once training
+    has logged that global step."""
     from jobs.finetune import main, parse_config
 
     argv = [
@@ -81,18 +105,18 @@ def timed_run(data: str, output: str, policy: list[str], args, kill_after: float
         "1",
         "--max-failures",
         "1",
+        "--log-every-steps",
+        "1",
         *policy,
     ]
     outcome: dict = {}
-    started = time.perf_counter()
+    started, since = time.perf_counter(), time.time()
     job = threading.Thread(target=lambda: outcome.update(result=main(parse_config(argv))), daemon=True)
     job.start()
-    if kill_after is not None:
-        snapshot = Path(output) / "checkpoints" / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-        while not (snapshot.exists() and re.search(r"epoch_0000(?!_)", snapshot.read_text())):  # epoch 0's end
+    if kill_at_step is not None:
+        while latest_logged_step(since) < kill_at_step:
             assert job.is_alive(), "the run ended before the kill"
-            time.sleep(0.02)
-        time.sleep(kill_after)
+            time.sleep(0.05)
         os.kill(_train_workers()[0]["Pid"], signal.SIGKILL)
     job.join()
     return time.perf_counter() - started, outcome["result"].metrics
@@ -116,26 +140,36 @@ def kill_part(args) -> None:
             str(args.every_steps),
         ],
     }
-    rows = []
-    for i, (name, policy) in enumerate(policies.items()):
-        clean, metrics = timed_run(str(work / "train"), str(work / f"clean{i}"), policy, args, None)
-        epoch1 = metrics["epochs"][1]["epoch_seconds"]
-        faulted, faulted_metrics = timed_run(
-            str(work / "train"), str(work / f"faulted{i}"), policy, args, args.kill_at * epoch1
-        )
-        resumed = faulted_metrics["epochs"][-1]
-        rows.append((name, clean, faulted, epoch1, resumed["resumed_from_step"], metrics["epochs"]))
-        print(f"{name}: clean {clean:.1f}s, faulted {faulted:.1f}s, resumed at step {resumed['resumed_from_step']}")
-    ray.shutdown()
     steps = args.images // 4
-    print(f"\n{args.images} images, {steps} steps/epoch, {args.epochs} epochs, kill {args.kill_at:.0%} into epoch 1")
-    print("| policy | clean run s | faulted run s | **work lost** (faulted / clean) | resumed at step | epoch s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, clean, faulted, epoch1, step, history in rows:
+    kill_step = steps + round(args.kill_at * steps)
+    rows = []
+    for repeat in range(args.repeats):  # policies alternate, so load from other processes hits both alike
+        for i, (name, policy) in enumerate(policies.items()):
+            clean, metrics = timed_run(str(work / "train"), str(work / f"clean{repeat}-{i}"), policy, args, None)
+            epoch1 = metrics["epochs"][1]["epoch_seconds"]
+            faulted, faulted_metrics = timed_run(
+                str(work / "train"), str(work / f"faulted{repeat}-{i}"), policy, args, kill_step
+            )
+            step = faulted_metrics["epochs"][-1]["resumed_from_step"]
+            same = [round(m["loss"], 6) for m in metrics["epochs"]] == [
+                round(m["loss"], 6) for m in faulted_metrics["epochs"]
+            ]
+            rows.append((name, clean, faulted, epoch1, step, metrics["epochs"], os.getloadavg()[0]))
+            print(
+                f"{name}: clean {clean:.1f}s, faulted {faulted:.1f}s, resumed at step {step}; per-epoch losses "
+                f"{'equal' if same else 'DIFFER'} to 6 decimals",
+                flush=True,
+            )
+    ray.shutdown()
+    print(f"\n{args.images} images, {steps} steps/epoch, {args.epochs} epochs, kill at step {kill_step} (epoch 1)")
+    print("| policy | clean s | faulted s | **work lost** (faulted / clean) | resumed at step | epoch s | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, clean, faulted, epoch1, step, history, load in rows:
         mid = sum(m.get("checkpoint_seconds", 0.0) for m in history)
         count = sum(m.get("mid_epoch_checkpoints", 0) for m in history)
-        cost = f"; {count} mid-epoch saves took {mid:.2f}s of training" if count else ""
-        print(f"| {name} | {clean:.1f} | {faulted:.1f} | **{faulted / clean:.2f}x** | {step} | {epoch1:.1f}{cost} |")
+        cost = f"; {count} mid-epoch saves took {mid:.2f}s" if count else ""
+        ratio = f"**{faulted / clean:.2f}x**"
+        print(f"| {name} | {clean:.1f} | {faulted:.1f} | {ratio} | {step} | {epoch1:.1f}{cost} | {load:.1f} |")
 
 
 def checkpoint_cost_part() -> None:
