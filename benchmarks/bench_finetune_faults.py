@@ -10,7 +10,8 @@ tests/finetune (ResNet-18, width 64), synthetic 96 px shapes, batch 2 per worker
 run folder is a local folder. For each policy a clean run and a faulted one: the faulted run's
 worker is SIGKILLed once rank 0 has logged the step 80% into epoch 1 (read from its local
 TensorBoard folder, ``--log-every-steps 1``). Work lost = faulted wall time / clean wall time (1.0 = nothing lost;
-the restart of the worker group is part of the loss).
+the restart of the worker group is part of the loss), and in training steps (replayed steps included) over
+the clean run's, which other processes' load does not change.
 
 Checkpoint-cost part: one checkpoint of DETR-R50 (weights + AdamW state, as jobs.finetune.run_state
 writes it) saved to a local temp folder, then uploaded to a moto S3 server on loopback with
@@ -162,14 +163,17 @@ def kill_part(args) -> None:
             )
     ray.shutdown()
     print(f"\n{args.images} images, {steps} steps/epoch, {args.epochs} epochs, kill at step {kill_step} (epoch 1)")
-    print("| policy | clean s | faulted s | **work lost** (faulted / clean) | resumed at step | epoch s | load |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    # Steps trained, replays included, over the clean run's: the part of the loss no machine load changes.
+    total = steps * args.epochs
+    print("| policy | clean s | faulted s | **work lost** (wall) | steps / clean | resumed at step | epoch s | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, clean, faulted, epoch1, step, history, load in rows:
         mid = sum(m.get("checkpoint_seconds", 0.0) for m in history)
         count = sum(m.get("mid_epoch_checkpoints", 0) for m in history)
         cost = f"; {count} mid-epoch saves took {mid:.2f}s" if count else ""
-        ratio = f"**{faulted / clean:.2f}x**"
-        print(f"| {name} | {clean:.1f} | {faulted:.1f} | {ratio} | {step} | {epoch1:.1f}{cost} | {load:.1f} |")
+        ratio, replay = f"**{faulted / clean:.2f}x**", f"{(total + kill_step - step) / total:.2f}x"
+        timing = f"{epoch1:.1f}{cost} | {load:.1f}"
+        print(f"| {name} | {clean:.1f} | {faulted:.1f} | {ratio} | {replay} | {step} | {timing} |")
 
 
 def checkpoint_cost_part() -> None:
