@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -162,6 +163,7 @@ def kill_part(args) -> None:
                 flush=True,
             )
     ray.shutdown()
+    shutil.rmtree(work)  # the runs' checkpoints: GBs
     print(f"\n{args.images} images, {steps} steps/epoch, {args.epochs} epochs, kill at step {kill_step} (epoch 1)")
     # Steps trained, replays included, over the clean run's: the part of the loss no machine load changes.
     total = steps * args.epochs
