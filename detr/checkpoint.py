@@ -7,8 +7,10 @@
 
 Both are mapped onto :class:`detr.model.DETR`'s names, which follow the original layout.
 Nothing is unpickled beyond tensors and plain containers (``weights_only``), and every name
-and shape is checked. Checkpoints written by :func:`save_pretrained` are in the original
-layout plus ``config`` and ``categories``, so fine-tuned weights carry their class table.
+and shape is checked. :func:`save_pretrained` writes either our file (the original layout plus
+``config`` and ``categories``, so fine-tuned weights carry their class table) or a hub folder
+(``config.json`` + ``model.safetensors``) that ``transformers.DetrForObjectDetection.from_pretrained``
+loads; its safetensors metadata carries the same config and class table for :func:`from_pretrained`.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import fsspec
 import torch
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from .categories import COCO_CATEGORIES, Category, categories_from_list, categories_to_list
@@ -30,6 +35,7 @@ from .config import DetrConfig
 from .download import local_path
 from .errors import one_line, redact, scrub
 from .model import DETR
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, MAX_SIZE, MIN_SIZE
 from .weights import identified_by_sha256, registered
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -54,6 +60,12 @@ _HUB_NORMS = {
 }
 
 
+LAYOUTS = ("original", "hub")
+HUB_WEIGHTS_FILE = "model.safetensors"
+# Keys of the hub file's safetensors metadata that carry our config and class table (transformers ignores them).
+_METADATA_CONFIG, _METADATA_CATEGORIES = "detr_ray_config", "detr_ray_categories"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: names the keys or shapes at fault."""
 
@@ -68,7 +80,7 @@ def read_state(source: str) -> tuple[dict[str, Tensor], dict]:
     data = Path(path).read_bytes()
     digest = {"sha256": hashlib.sha256(data).hexdigest()}
     if path.suffix == ".safetensors" or data[:1] == b"{" or _looks_like_safetensors(data):
-        return dict(load_safetensors(data)), digest
+        return dict(load_safetensors(data)), _safetensors_extras(data) | digest
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - report which file and why in one line
@@ -85,6 +97,18 @@ def read_state(source: str) -> tuple[dict[str, Tensor], dict]:
 def _looks_like_safetensors(data: bytes) -> bool:
     # 8-byte little-endian header length followed by a JSON header.
     return len(data) > 9 and data[8:9] == b"{"
+
+
+def _safetensors_extras(data: bytes) -> dict:
+    """``config`` / ``categories`` from the metadata :func:`save_pretrained` writes into a hub file."""
+    (length,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+    extras = {}
+    if _METADATA_CONFIG in metadata:
+        extras["config"] = json.loads(metadata[_METADATA_CONFIG])
+    if _METADATA_CATEGORIES in metadata:
+        extras["categories"] = json.loads(metadata[_METADATA_CATEGORIES])
+    return extras
 
 
 def to_detr_layout(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -226,18 +250,148 @@ def from_pretrained(
     return model.eval()
 
 
-def save_pretrained(model: DETR, destination: str) -> None:
-    """Write ``model`` to ``destination`` (any fsspec URL) in the original layout, with its
-    config and category table, loadable by :func:`from_pretrained`."""
+def save_pretrained(
+    model: DETR,
+    destination: str,
+    *,
+    layout: str = "original",
+    image_size: tuple[int, int] = (MIN_SIZE, MAX_SIZE),
+) -> None:
+    """Write ``model`` to ``destination`` (any fsspec URL), loadable by :func:`from_pretrained`.
+
+    Args:
+        layout: ``original``: one file, the original key names plus the config and category table.
+            ``hub``: ``destination`` is a folder that ``transformers.DetrForObjectDetection.from_pretrained``
+            loads: ``config.json`` (``id2label``: class index -> category name), ``model.safetensors``
+            in the hub's key names, ``preprocessor_config.json`` for ``DetrImageProcessor``.
+            ``detr.from_pretrained("<folder>/model.safetensors")`` reads it back with the category ids.
+        image_size: ``(shortest side, longest side limit)`` the hub folder's image processor resizes
+            to (the scale the model was trained at).
+    Raises:
+        ValueError: an unknown ``layout``, or a model transformers' DETR cannot express.
+    """
+    model = unwrap(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if layout == "hub":
+        _save_hub_folder(model, state, destination.rstrip("/"), image_size)
+        return
+    if layout != "original":
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     payload = {
-        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "config": unwrap(model).config.to_dict(),
-        "categories": categories_to_list(unwrap(model).categories),
+        "model": state,
+        "config": model.config.to_dict(),
+        "categories": categories_to_list(model.categories),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    with fsspec.open(destination, "wb") as f:
-        f.write(buffer.getvalue())
+    _write(destination, buffer.getvalue())
+
+
+def _write(destination: str, data: bytes) -> None:
+    with fsspec.open(destination, "wb") as f:  # creates the parent folder of a local path
+        f.write(data)
+
+
+def to_hub_layout(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """:class:`DETR`'s names -> the hub's (``facebook/detr-resnet-50``; the inverse of :func:`to_detr_layout`):
+    packed ``in_proj`` [3C, C] split into ``q_proj/k_proj/v_proj`` [C, C], norms and heads renamed."""
+    hub: dict[str, Tensor] = {}
+    for key, value in state.items():
+        match = re.match(r"^transformer\.(encoder|decoder)\.layers\.\d+\.(norm\d)\.", key)
+        if match:
+            inverse = {ours: theirs for theirs, ours in _HUB_NORMS[match.group(1)].items()}
+            key = key.replace(f".{match.group(2)}.", f".{inverse[match.group(2)]}.")
+        for pattern, replacement in _TO_HUB:
+            key = re.sub(pattern, replacement, key)
+        packed = re.match(r"^(.*)\.in_proj_(weight|bias)$", key)
+        if packed:
+            for name, part in zip(("q", "k", "v"), value.chunk(3)):
+                hub[f"{packed.group(1)}.{name}_proj.{packed.group(2)}"] = part.contiguous()
+        else:
+            hub[key] = value
+    return hub
+
+
+# Ours -> hub name pieces, applied in order (layer norms are renamed first, by _HUB_NORMS).
+_TO_HUB = (
+    (r"^backbone\.body\.", "model.backbone.conv_encoder.model."),
+    (r"^input_proj\.", "model.input_projection."),
+    (r"^query_embed\.", "model.query_position_embeddings."),
+    (r"^transformer\.(encoder|decoder)\.layers\.", r"model.\1.layers."),
+    (r"^transformer\.decoder\.norm\.", "model.decoder.layernorm."),
+    (r"^class_embed\.", "class_labels_classifier."),
+    (r"^bbox_embed\.", "bbox_predictor."),
+    (r"\.linear1\.", ".fc1."),
+    (r"\.linear2\.", ".fc2."),
+    (r"\.multihead_attn\.", ".encoder_attn."),
+)
+
+
+def hub_config(config: DetrConfig, categories: Sequence[Category]) -> dict:
+    """``config.json`` for ``transformers.DetrConfig``, in the keys ``facebook/detr-resnet-50`` uses
+    (read by transformers 4.x and 5.x): a timm ResNet backbone, whose parameter names are torchvision's."""
+    if config.position_temperature != DetrConfig.position_temperature:
+        raise ValueError(
+            f"transformers' DETR has a fixed position temperature of {DetrConfig.position_temperature:g}; "
+            f"this model uses {config.position_temperature:g}"
+        )
+    names = [c.name for c in categories]
+    return {
+        "architectures": ["DetrForObjectDetection"],
+        "model_type": "detr",
+        "backbone": config.backbone,
+        "use_timm_backbone": True,
+        "use_pretrained_backbone": False,  # the weights are in model.safetensors; nothing to download
+        "dilation": config.dilation,
+        "num_channels": 3,
+        "d_model": config.hidden_dim,
+        "encoder_layers": config.num_encoder_layers,
+        "decoder_layers": config.num_decoder_layers,
+        "encoder_attention_heads": config.num_heads,
+        "decoder_attention_heads": config.num_heads,
+        "encoder_ffn_dim": config.dim_feedforward,
+        "decoder_ffn_dim": config.dim_feedforward,
+        "dropout": config.dropout,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "activation_function": "relu",
+        "num_queries": config.num_queries,
+        "position_embedding_type": "sine",
+        "auxiliary_loss": False,
+        # transformers' labels are class indices; the dataset's category ids stay in our own checkpoint.
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)} if len(set(names)) == len(names) else {},
+        "torch_dtype": "float32",
+    }
+
+
+def _preprocessor_config(image_size: tuple[int, int]) -> dict:
+    """``DetrImageProcessor``'s settings for the resize and normalization :func:`detr.preprocess` applies."""
+    return {
+        "image_processor_type": "DetrImageProcessor",
+        "format": "coco_detection",
+        "do_resize": True,
+        "size": {"shortest_edge": image_size[0], "longest_edge": image_size[1]},
+        "resample": 2,  # bilinear
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "do_pad": True,
+    }
+
+
+def _save_hub_folder(model: DETR, state: dict[str, Tensor], folder: str, image_size: tuple[int, int]) -> None:
+    config = hub_config(model.config, model.categories)
+    metadata = {
+        "format": "pt",  # transformers refuses safetensors files without it
+        _METADATA_CONFIG: json.dumps(model.config.to_dict()),
+        _METADATA_CATEGORIES: json.dumps(categories_to_list(model.categories)),
+    }
+    _write(f"{folder}/{HUB_WEIGHTS_FILE}", save_safetensors(to_hub_layout(state), metadata=metadata))
+    _write(f"{folder}/config.json", json.dumps(config, indent=2).encode())
+    _write(f"{folder}/preprocessor_config.json", json.dumps(_preprocessor_config(image_size), indent=2).encode())
 
 
 def unwrap(model: torch.nn.Module) -> DETR:
@@ -257,4 +411,14 @@ def _content_hash(state: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()[:8]
 
 
-__all__ = ["from_pretrained", "save_pretrained", "read_state", "to_detr_layout", "CheckpointError", "COCO_CATEGORIES"]
+__all__ = [
+    "COCO_CATEGORIES",
+    "LAYOUTS",
+    "CheckpointError",
+    "from_pretrained",
+    "hub_config",
+    "read_state",
+    "save_pretrained",
+    "to_detr_layout",
+    "to_hub_layout",
+]
