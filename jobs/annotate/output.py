@@ -33,16 +33,18 @@ class Summary:
     detections: int
     skipped: int  # URIs already in OUTPUT before this run
     seconds: float
+    startup_seconds: float | None = None  # from the job's start to its first annotated batch; None: none ran
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
+        startup = f"first image after {self.startup_seconds:.1f} s; " if self.startup_seconds is not None else ""
         return (
             f"annotate: {self.images} images ({self.images - self.errors} ok, {self.errors} errors), "
             f"{self.detections} detections, {self.images_per_second:.2f} img/s over {self.seconds:.1f} s; "
-            f"{self.skipped} already in {self.output} were skipped"
+            f"{startup}{self.skipped} already in {self.output} were skipped"
         )
 
 

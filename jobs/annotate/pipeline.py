@@ -15,7 +15,7 @@ An actor that dies (OOM, preempted node) is restarted by Ray and its in-flight b
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import re
 import time
 import uuid
@@ -65,10 +65,12 @@ def main(config: AnnotateConfig) -> Summary:
     """
     import ray
 
+    job_started = time.time()
     check_input(config.input)
-    # Load the weights here first: a missing file, failed download or wrong checkpoint is one
+    # Check the weights here first: a missing file, failed download or wrong checkpoint is one
     # clear error now instead of dying actors later, and it fills this node's download cache.
-    detr.from_pretrained(config.weights)
+    # Names and shapes only: the model itself is built once, in each actor.
+    detr.check_weights(config.weights)
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (ray job submit) or a fresh local cluster
     plan = plan_actors(config, ray.nodes())
@@ -77,11 +79,12 @@ def main(config: AnnotateConfig) -> Summary:
         threshold=config.threshold,
         precision=config.precision,
         use_gpu=plan.gpus_per_actor > 0,
-        cpu_threads=max(1, math.floor(plan.cpus_per_actor)),
+        cpu_threads=plan.threads_per_actor,
     )
+    clock = _first_batch_clock()
     done = completed_uris(config.output)
     run_id = time.strftime("%Y%m%dT%H%M%S") + uuid.uuid4().hex[:6]
-    annotated = build_dataset(config, plan, detector, ray.put(done) if done is not None else None)
+    annotated = build_dataset(config, plan, detector, ray.put(done) if done is not None else None, clock)
     filesystem, path = arrow_filesystem(config.output)
     started = time.perf_counter()
     try:
@@ -106,6 +109,9 @@ def main(config: AnnotateConfig) -> Summary:
     summary = summarize(
         config.output, run_id, skipped=len(done) if done is not None else 0, seconds=time.perf_counter() - started
     )
+    first_batch = ray.get(clock.earliest.remote())
+    if first_batch is not None:
+        summary = dataclasses.replace(summary, startup_seconds=first_batch - job_started)
     if config.render_count:
         render_detections(*run_files(config.output, run_id), config.render_count, config.render_dir)
     return summary
@@ -119,13 +125,39 @@ def _list_minus_done(batch: pa.Table, *, done_ref: ray.ObjectRef | None, **listi
     yield from list_image_uris(batch, done=done, **listing)
 
 
+def _first_batch_clock() -> ray.actor.ActorHandle:
+    """A tiny actor keeping the earliest time (``time.time()``) at which a model actor finished a
+    batch: each actor calls ``note`` once (:class:`Detector`'s ``on_first_batch``)."""
+    import ray
+
+    # Defined in here, not at module level, so that Ray ships the class by value and the clock's
+    # worker imports neither this package nor torch.
+    @ray.remote(num_cpus=0)
+    class FirstBatchClock:
+        def __init__(self) -> None:
+            self.first: float | None = None
+
+        def note(self, wall_time: float) -> None:
+            self.first = wall_time if self.first is None else min(self.first, wall_time)
+
+        def earliest(self) -> float | None:
+            return self.first
+
+    return FirstBatchClock.remote()
+
+
 def build_dataset(
-    config: AnnotateConfig, plan: ActorPlan, detector: DetectorConfig, done: ray.ObjectRef | None
+    config: AnnotateConfig,
+    plan: ActorPlan,
+    detector: DetectorConfig,
+    done: ray.ObjectRef | None,
+    clock: ray.actor.ActorHandle | None = None,
 ) -> ray.data.Dataset:
     """The lazy pipeline: listing -> blocks of URIs -> decode tasks -> detector actors.
 
     Args:
         done: object-store reference to the URIs already in OUTPUT, or None.
+        clock: a :func:`_first_batch_clock` the actors report their first batch to, or None.
     """
     import ray
 
@@ -166,7 +198,7 @@ def build_dataset(
     )
     return prepared.map_batches(
         Detector,
-        fn_constructor_args=(detector,),
+        fn_constructor_args=(detector, clock.note.remote if clock is not None else None),
         batch_size=plan.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
