@@ -21,12 +21,13 @@ import io
 import json
 import re
 import struct
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import fsspec
 import torch
-from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
@@ -77,32 +78,49 @@ def read_state(source: str) -> tuple[dict[str, Tensor], dict]:
     file's digest, by which official files are recognised whatever their name.
     """
     path = local_path(source)
-    data = Path(path).read_bytes()
-    digest = {"sha256": hashlib.sha256(data).hexdigest()}
-    if path.suffix == ".safetensors" or data[:1] == b"{" or _looks_like_safetensors(data):
-        return dict(load_safetensors(data)), _safetensors_extras(data) | digest
+    state, extras = _read_file(path, source)
+    return state, extras | {"sha256": _file_sha256(path)}
+
+
+def _read_file(path: Path, source: str) -> tuple[dict[str, Tensor], dict]:
+    """``read_state`` without the digest. The tensors are memory-mapped (safetensors, and
+    ``torch.save`` zip files): their bytes are read from the file when something uses them."""
+    with open(path, "rb") as file:
+        head = file.read(9)
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors" or head[:1] == b"{" or _looks_like_safetensors(head):
+            return dict(load_safetensors_file(path)), _safetensors_extras(path)
+        # mmap needs the zip format torch.save has written since 1.6; older files are read whole.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # noqa: BLE001 - report which file and why in one line
         message = f"{source}: not a loadable DETR checkpoint ({one_line(error)})"
         raise CheckpointError(scrub(message, source)) from None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         extras = {k: obj[k] for k in ("config", "categories") if k in obj}
-        return dict(obj["model"]), extras | digest
+        return dict(obj["model"]), extras
     if isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values()):
-        return dict(obj), digest
+        return dict(obj), {}
     raise CheckpointError(f"{redact(source)}: expected a state dict or a dict with a 'model' state dict")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _looks_like_safetensors(data: bytes) -> bool:
     # 8-byte little-endian header length followed by a JSON header.
-    return len(data) > 9 and data[8:9] == b"{"
+    return len(data) >= 9 and data[8:9] == b"{"
 
 
-def _safetensors_extras(data: bytes) -> dict:
+def _safetensors_extras(path: Path) -> dict:
     """``config`` / ``categories`` from the metadata :func:`save_pretrained` writes into a hub file."""
-    (length,) = struct.unpack("<Q", data[:8])
-    metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        metadata = json.loads(file.read(length)).get("__metadata__") or {}
     extras = {}
     if _METADATA_CONFIG in metadata:
         extras["config"] = json.loads(metadata[_METADATA_CONFIG])
@@ -186,8 +204,17 @@ def load_detr_state(model: DETR, state: Mapping[str, Tensor], *, skip_prefixes: 
     Args:
         skip_prefixes: parameters the caller re-initializes on purpose (a new class head).
     """
+    _check_names_and_shapes({k: v.shape for k, v in model.state_dict().items()}, state, skip_prefixes)
     skip = tuple(skip_prefixes)
-    expected = {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
+    model.load_state_dict({k: v for k, v in state.items() if not (skip and k.startswith(skip))}, strict=not skip)
+
+
+def _check_names_and_shapes(
+    expected: Mapping[str, torch.Size], state: Mapping[str, Tensor], skip_prefixes: Sequence[str] = ()
+) -> None:
+    """Raise :class:`CheckpointError` naming the keys ``state`` lacks or has in excess, or the wrong shapes."""
+    skip = tuple(skip_prefixes)
+    expected = {k: v for k, v in expected.items() if not (skip and k.startswith(skip))}
     given = {k: v for k, v in state.items() if not (skip and k.startswith(skip))}
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -197,13 +224,12 @@ def load_detr_state(model: DETR, state: Mapping[str, Tensor], *, skip_prefixes: 
             f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
     wrong = [
-        f"{k}: {tuple(given[k].shape)} vs expected {tuple(v.shape)}"
-        for k, v in expected.items()
-        if given[k].shape != v.shape
+        f"{k}: {tuple(given[k].shape)} vs expected {tuple(shape)}"
+        for k, shape in expected.items()
+        if given[k].shape != shape
     ]
     if wrong:
         raise CheckpointError(f"checkpoint shapes do not match the model: {wrong[:5]}")
-    model.load_state_dict(given, strict=not skip_prefixes)
 
 
 def from_pretrained(
@@ -213,12 +239,16 @@ def from_pretrained(
     categories: Sequence[Category] | None = None,
     dilation: bool | None = None,
 ) -> DETR:
-    """A DETR in eval mode with the weights ``source`` names.
+    """A DETR in eval mode with the weights ``source`` names, ready for fast inference as it is.
 
     The architecture comes from, in order: the :mod:`detr.weights` registry (a short name such as
     ``detr-r50-dc5``, an ``hf://`` repo, or an official file recognised by its SHA-256), the config
     a :func:`save_pretrained` checkpoint carries, or the tensors themselves (then without dilation
     unless ``dilation=True``: DC5 cannot be read off the weights).
+
+    The model is the same one :func:`detr.build` makes - ``.train()`` it to fine-tune - and runs
+    channels-last with its frozen norms folded into the convolutions (:mod:`detr.backbone`),
+    without a call to :func:`detr.optimize_for_inference`.
 
     Args:
         source: a short name (``detr-r50``, ``detr-r50-dc5``, ``detr-r101``), ``hf://facebook/detr-resnet-50``,
@@ -229,9 +259,51 @@ def from_pretrained(
         categories: class table for a new head (defaults to generic names).
         dilation: DC5 variant, for checkpoints the registry does not know and that carry no config.
     """
-    state, extras = read_state(source)
+    weights = _read_weights(source, num_classes=num_classes, dilation=dilation)
+    new_head = weights.config.num_classes != weights.stored_config.num_classes
+    model_categories = categories if new_head else (weights.categories or categories)
+    if new_head:  # the new class head needs DETR's own initialization
+        model = DETR(weights.config, model_categories)
+    else:  # every tensor comes from the file: skip initializing 41M parameters only to overwrite them
+        with torch.device("meta"):
+            model = DETR(weights.config, model_categories)
+        model = model.to_empty(device="cpu")
+    load_detr_state(model, weights.state, skip_prefixes=("class_embed.",) if new_head else ())
+    model.weights_name = weights.name
+    return model.eval()
+
+
+def check_weights(source: str, *, dilation: bool | None = None) -> tuple[DetrConfig, str]:
+    """What :func:`from_pretrained` would load from ``source``, checked without building the model.
+
+    Fetches the file into the download cache if needed, reads its names and shapes (tensor bytes
+    stay on disk: the file is memory-mapped) and checks them against the architecture it implies,
+    raising the same :class:`CheckpointError` / :class:`~detr.WeightsUnavailableError` as
+    :func:`from_pretrained`. Returns the config and the ``weights_name`` the model would carry.
+    """
+    weights = _read_weights(source, dilation=dilation)
+    with torch.device("meta"):  # shapes only: no memory, no initialization
+        expected = {k: v.shape for k, v in DETR(weights.config, weights.categories).state_dict().items()}
+    _check_names_and_shapes(expected, weights.state)
+    return weights.config, weights.name
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weights:
+    state: dict[str, Tensor]  # in DETR's layout, memory-mapped from the file
+    stored_config: DetrConfig  # the architecture the file holds
+    config: DetrConfig  # the one to build: with the caller's dilation and class count
+    categories: tuple[Category, ...] | None  # the file's class table, when it names one
+    name: str  # ``<file name>@<content hash>``: which weights made a row
+
+
+def _read_weights(source: str, *, num_classes: int | None = None, dilation: bool | None = None) -> _Weights:
+    path = local_path(source)
+    state, extras = _read_file(path, source)
     state = to_detr_layout(state)
-    entry = registered(source) or identified_by_sha256(extras["sha256"])
+    # A file that carries its config was written by save_pretrained, never an official download:
+    # only other unregistered files are hashed whole to be recognised.
+    entry = registered(source) or (None if "config" in extras else identified_by_sha256(_file_sha256(path)))
     if entry is not None:
         config, stored_categories = entry.config, entry.categories
     elif "config" in extras:
@@ -239,15 +311,11 @@ def from_pretrained(
         stored_categories = categories_from_list(extras["categories"]) if "categories" in extras else None
     else:
         config, stored_categories = infer_config(state), None
-    new_head = num_classes is not None and num_classes != config.num_classes
     overrides = {"dilation": dilation} if dilation is not None else {}
-    if new_head:
+    if num_classes is not None and num_classes != config.num_classes:
         overrides["num_classes"] = num_classes
-    config = dataclasses.replace(config, **overrides)
-    model = DETR(config, categories if new_head else (stored_categories or categories))
-    load_detr_state(model, state, skip_prefixes=("class_embed.",) if new_head else ())
-    model.weights_name = f"{Path(redact(source).rstrip('/')).name}@{_content_hash(state)}"
-    return model.eval()
+    name = f"{Path(redact(source).rstrip('/')).name}@{_content_hash(state)}"
+    return _Weights(state, config, dataclasses.replace(config, **overrides), stored_categories, name)
 
 
 def save_pretrained(
@@ -417,6 +485,7 @@ __all__ = [
     "CheckpointError",
     "from_pretrained",
     "hub_config",
+    "check_weights",
     "read_state",
     "save_pretrained",
     "to_detr_layout",
