@@ -58,7 +58,9 @@ from jobs.annotate.detector import Detector, DetectorConfig  # noqa: E402
 from jobs.annotate.settings import CPU_BATCH_SIZE  # noqa: E402
 
 COCO_VAL = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
-DECODE_PROCESS = "ray::MapBatches(prepare_images)"  # the decode tasks' worker, as process_kind names it
+# The decode tasks' workers, as process_kind names them: by the task they ran at the last sample, or
+# idle between tasks (the write tasks' workers too: they cannot be told apart from the title).
+DECODE_PROCESSES = ("prepare_images", "ray::IDLE")
 
 
 @dataclass(frozen=True)
@@ -275,9 +277,13 @@ def main(args: argparse.Namespace) -> None:
     busiest = sorted(run_10n.cpu_by_process.items(), key=lambda item: -item[1])[:8]
     print(f"CPU seconds by process, {args.scale}xN run: " + ", ".join(f"{k} {v:.1f}" for k, v in busiest))
     # What decoding really takes next to the model: why the actor runs torch on every core.
-    decode = [run.cpu_by_process.get(DECODE_PROCESS, 0.0) for run in (run_n, run_10n)]
+    decode = [
+        sum(cpu for kind, cpu in run.cpu_by_process.items() if any(name in kind for name in DECODE_PROCESSES))
+        for run in (run_n, run_10n)
+    ]
+    decode_ms = 1000 * (decode[1] - decode[0]) / (run_10n.images - run_n.images)
     print(
-        f"decode tasks: {1000 * (decode[1] - decode[0]) / (run_10n.images - run_n.images):.0f} ms of CPU per image "
+        f"decode and write workers: {decode_ms:.0f} ms of CPU per image "
         f"(worker start-up excluded), model actor {1000 / actor_cpu:.0f} ms"
     )
     print(f"end to end, steady state: {steady:.3f} img/s; model actor: {actor_cpu:.3f} img per CPU-second")
