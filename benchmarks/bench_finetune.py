@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import detr  # noqa: E402
 from detr.criterion import weighted_total  # noqa: E402
-from jobs.finetune.engine import build_optimizer, train_one_epoch  # noqa: E402
+from jobs.finetune.engine import DetectionBatch, build_model, build_optimizer, train_one_epoch  # noqa: E402
 from jobs.finetune.settings import FinetuneConfig  # noqa: E402
 
 from checkpoints import reference_model, write_hub_layout  # noqa: E402
@@ -112,22 +112,6 @@ def make_batch(args: argparse.Namespace, device: str):
     return pixel_values.to(device), pixel_mask.to(device), targets
 
 
-def build_like_the_worker(settings: FinetuneConfig, config: detr.DetrConfig, categories, state: dict):
-    """``jobs.finetune.worker.build_model``'s model and criterion. That module imports Ray; where Ray is not
-    installed (a bare GPU machine, benchmarks/run_gpu.sh) they are built here the same way."""
-    try:
-        from jobs.finetune.worker import TrainingSpec, build_model
-    except ModuleNotFoundError as error:
-        if error.name != "ray":
-            raise
-        model, criterion = detr.build(config, settings.loss, categories)
-        model.load_state_dict(state)
-        if settings.freeze_backbone:
-            model.backbone.requires_grad_(False)
-        return model.to(memory_format=torch.channels_last), criterion
-    return build_model(TrainingSpec(settings, config, categories), state)
-
-
 def reference_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, pixel_values, pixel_mask, labels, autocast
 ) -> float:
@@ -151,7 +135,7 @@ def main(args: argparse.Namespace) -> None:
     config = dataclasses.replace(loaded.config, dropout=0.0)
     # Our model as the finetune worker builds it, and one step = its train_one_epoch over one batch.
     settings = FinetuneConfig("unused", "unused", "unused")
-    ours, criterion = build_like_the_worker(settings, config, loaded.categories, loaded.state_dict())
+    ours, criterion = build_model(settings, config, loaded.categories, loaded.state_dict())
     ours, criterion = ours.to(device), criterion.to(device)
     matcher = criterion.matcher = TimedMatcher(criterion.matcher, args.device)
     pixel_values, pixel_mask, targets = make_batch(args, args.device)
@@ -171,7 +155,7 @@ def main(args: argparse.Namespace) -> None:
         "ours": lambda: train_one_epoch(
             ours,
             criterion,
-            [(pixel_values, pixel_mask, targets)],
+            [DetectionBatch(pixel_values, pixel_mask, targets, (), len(targets))],
             optimizers["ours"],
             settings,
             device,

@@ -14,7 +14,7 @@ Training parts come from :func:`detr.build` (model + matcher + criterion from a
 
 from .build import build, build_criterion
 from .categories import COCO_CATEGORIES, Category
-from .checkpoint import CheckpointError, from_pretrained, save_pretrained
+from .checkpoint import CheckpointError, check_weights, from_pretrained, save_pretrained
 from .config import DetrConfig, LossConfig
 from .criterion import SetCriterion
 from .download import WeightsUnavailableError
@@ -47,6 +47,7 @@ __all__ = [
     "autocast_dtype",
     "build",
     "build_criterion",
+    "check_weights",
     "collate",
     "decode_image",
     "decode_resized",

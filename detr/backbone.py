@@ -24,17 +24,56 @@ def conv_frozen_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     """``norm(conv(x))`` for a frozen batch norm, computed as one convolution with scaled weights and a bias.
 
     A frozen norm is a per-channel affine map, so it folds exactly into the convolution before it;
-    doing so on every call (the weights still train) saves the norm's elementwise passes over the
-    activations, forward and backward. ``norm`` is ``nn.Identity`` once :func:`detr.optimize_for_inference`
-    has folded it for good.
+    doing so saves the norm's elementwise passes over the activations, forward and backward. With
+    gradients on, the fold is recomputed on every call (the convolution's weights still train);
+    without them (``torch.inference_mode()``, ``torch.no_grad()``) the folded weights are kept
+    and reused until a weight or statistic changes. Any other ``norm`` (an ``nn.Identity`` of a
+    model folded by hand) leaves the convolution as it is.
     """
     if not isinstance(norm, FrozenBatchNorm2d):
         return _convolve(conv, x, conv.weight, conv.bias)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return _convolve(conv, x, *fold_frozen_norm(conv, norm))
+    return _convolve(conv, x, *_kept_fold(conv, norm))
+
+
+def fold_frozen_norm(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The weight Tensor[C_out, C_in, k, k] and bias Tensor[C_out] of ``norm(conv(.))`` as one convolution."""
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # [C_out]
     bias = norm.bias - norm.running_mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    return _convolve(conv, x, conv.weight * scale[:, None, None, None], bias)
+    return conv.weight * scale[:, None, None, None], bias
+
+
+# Attribute of a convolution holding its kept fold: a plain attribute, so never in the state dict.
+_KEPT_FOLD = "_frozen_norm_fold"
+
+
+def _kept_fold(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    """:func:`fold_frozen_norm`, computed once and kept on ``conv`` while its inputs stay as they were.
+
+    A tensor's identity here is its storage, dtype, device and version counter, which every
+    in-place change bumps (``load_state_dict``, an optimizer step, ``.copy_()``); ``.to()`` and
+    ``.half()`` give new storage. The kept weight is channels-last, the layout oneDNN and cuDNN
+    convolve fastest (benchmarks/RESULTS.md).
+    """
+    inputs = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    if any(t is not None and t.is_inference() for t in inputs):  # no version counter: cannot tell changes
+        return fold_frozen_norm(conv, norm)
+    key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in inputs)
+    kept = conv.__dict__.get(_KEPT_FOLD)
+    if kept is None or kept[0] != key:
+        weight, bias = fold_frozen_norm(conv, norm)
+        kept = (key, weight.contiguous(memory_format=torch.channels_last), bias)
+        conv.__dict__[_KEPT_FOLD] = kept
+    return kept[1], kept[2]
+
+
+def forget_kept_folds(module: nn.Module) -> None:
+    """Drop the folded weights :func:`conv_frozen_norm` kept under ``module`` (memory, before training)."""
+    for child in module.modules():
+        child.__dict__.pop(_KEPT_FOLD, None)
 
 
 def _convolve(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -77,13 +116,27 @@ def _shortcut(downsample: nn.Sequential | None, x: Tensor) -> Tensor:
     return x if downsample is None else conv_frozen_norm(downsample[0], downsample[1], x)
 
 
+class FrozenNormTrunk(IntermediateLayerGetter):
+    """A torchvision ResNet's stem and four stages (its ``conv1``, ``bn1``, ``layer1``-``layer4``
+    names, so checkpoints load unchanged), the stem's frozen norm folded like the blocks'.
+
+    Call as ``trunk(pixel_values)``: ``{"0": C5 features}``, as ``IntermediateLayerGetter`` returns.
+    """
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = self.maxpool(self.relu(conv_frozen_norm(self.conv1, self.bn1, x)))
+        return {"0": self.layer4(self.layer3(self.layer2(self.layer1(x))))}
+
+
 class Backbone(nn.Module):
     """torchvision ResNet up to ``layer4`` (C5, stride 32, or 16 with ``dilation``).
 
     Batch-norm statistics and affine parameters are frozen, as in DETR: detection batches are
-    too small to re-estimate them. The stem and ``layer1`` are not trained either. The residual
-    blocks are torchvision's with a forward pass that folds those norms into their convolutions
-    (:func:`conv_frozen_norm`): same parameter names, so checkpoints load unchanged, same results.
+    too small to re-estimate them. The stem and ``layer1`` are not trained either. The stem and
+    the residual blocks are torchvision's with a forward pass that folds those norms into their
+    convolutions (:func:`conv_frozen_norm`): same parameter names, so checkpoints load unchanged,
+    same results. Images go through it channels-last, the layout oneDNN (CPU) and cuDNN (GPU)
+    convolve fastest; the parameters keep their usual layout.
     """
 
     def __init__(self, config: DetrConfig) -> None:
@@ -98,7 +151,7 @@ class Backbone(nn.Module):
         for name, parameter in resnet.named_parameters():
             if not name.startswith(("layer2", "layer3", "layer4")):
                 parameter.requires_grad_(False)
-        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
+        self.body = FrozenNormTrunk(resnet, return_layers={"layer4": "0"})
         self.num_channels = config.backbone_channels
 
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,9 +160,15 @@ class Backbone(nn.Module):
             pixel_values: Tensor[B, 3, H, W], normalized images.
             pixel_mask: bool Tensor[B, H, W], True on real (non-padding) pixels.
         Returns:
-            features Tensor[B, C5, h, w] and bool mask Tensor[B, h, w] (True on real positions).
+            features Tensor[B, C5, h, w] (channels-last memory) and bool mask Tensor[B, h, w]
+            (True on real positions).
         """
-        features = self.body(pixel_values)["0"]
+        features = self.body(pixel_values.contiguous(memory_format=torch.channels_last))["0"]
         # Nearest-neighbour downsampling of the mask, as DETR does.
         mask = F.interpolate(pixel_mask[:, None].float(), size=features.shape[-2:])[:, 0].to(torch.bool)
         return features, mask
+
+    def train(self, mode: bool = True) -> Backbone:
+        if mode:  # weights about to change: the folds kept for inference would only hold memory
+            forget_kept_folds(self)
+        return super().train(mode)

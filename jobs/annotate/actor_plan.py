@@ -1,13 +1,19 @@
-"""Where the annotate job's model actors go: how many, with how many CPUs and GPUs, and batch size.
+"""Where the annotate job's model actors go: how many, with how many CPUs, threads and GPUs, and batch size.
 
 :func:`plan_actors` works the defaults out from the cluster's nodes (``ray.nodes()``) and refuses
 layouts that could only stall - more GPUs per actor than any node has, actors that leave no CPU
 for reading and decoding - unless ``--wait-for-gpus`` says the autoscaler will add GPU nodes,
 in which case the job bounds the wait instead.
+
+On a CPU-only cluster the model actor reserves all CPUs of the largest node but one, so that
+Ray can schedule the decode and write tasks on the one left, and runs torch on all of the
+node's cores: decoding takes ~3-25 ms of one core per image and DETR on CPU ~1 s of every core
+(benchmarks/RESULTS.md), so a core kept for decoding alone would sit idle most of the time.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from jobs.annotate.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZE, AnnotateConfig
@@ -24,10 +30,11 @@ class ActorPlan:
 
     min_actors: int
     max_actors: int
-    cpus_per_actor: float
+    cpus_per_actor: float  # Ray's logical CPUs reserved per actor
     gpus_per_actor: float
     batch_size: int
     wait_for_actors_s: float = 0.0  # > 0: the pool's first actors may wait this long for nodes to join
+    threads_per_actor: int = 1  # torch intra-op threads of each actor
 
 
 def plan_actors(config: AnnotateConfig, nodes: list[dict]) -> ActorPlan:
@@ -47,9 +54,12 @@ def plan_actors(config: AnnotateConfig, nodes: list[dict]) -> ActorPlan:
             f"--gpus-per-actor {gpus:g}: no node of this cluster has that many GPUs ({total_gpus:g} in all); "
             "if the autoscaler adds GPU nodes on demand, pass --wait-for-gpus SECONDS"
         )
-    cpus = (
-        config.cpus_per_actor if config.cpus_per_actor is not None else (1.0 if gpus > 0 else max(1.0, node_cpus - 1))
-    )
+    if config.cpus_per_actor is not None:
+        cpus, threads = config.cpus_per_actor, max(1, math.floor(config.cpus_per_actor))
+    elif gpus > 0:
+        cpus, threads = 1.0, 1
+    else:  # one logical CPU left for the decode and write tasks; their work is light next to the model's
+        cpus, threads = max(1.0, node_cpus - 1), max(1, math.floor(node_cpus))
     if config.actors is None:
         count = max(1, int(total_gpus // gpus)) if gpus > 0 else 1
         min_actors = max_actors = count
@@ -70,7 +80,8 @@ def plan_actors(config: AnnotateConfig, nodes: list[dict]) -> ActorPlan:
     batch_size = (
         config.batch_size if config.batch_size is not None else (GPU_BATCH_SIZE if gpus > 0 else CPU_BATCH_SIZE)
     )
-    return ActorPlan(min_actors, max_actors, cpus, gpus, batch_size, config.wait_for_gpus if gpus > 0 else 0.0)
+    wait = config.wait_for_gpus if gpus > 0 else 0.0
+    return ActorPlan(min_actors, max_actors, cpus, gpus, batch_size, threads_per_actor=threads, wait_for_actors_s=wait)
 
 
 def parse_actors(text: str) -> tuple[int, int]:

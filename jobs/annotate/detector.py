@@ -1,6 +1,7 @@
 """The model stage of the annotate job: a callable class Ray Data runs in an actor pool.
 
-Each actor loads the weights once (``__init__``) and then turns whole batches of prepared
+Each actor loads the weights once (``__init__``), memory-mapped from the node's download cache,
+and then turns whole batches of prepared
 images (:data:`jobs.annotate.decoding.PREPARED_SCHEMA`) into rows of the detections table
 (:data:`coco.DETECTIONS_SCHEMA`) under ``torch.inference_mode()`` (and autocast on GPU). Within a
 batch, images of similar aspect ratio are run together so padded pixels - which DETR's
@@ -14,6 +15,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,26 +44,34 @@ class DetectorConfig:
     threshold: float = 0.7  # keep detections whose class probability is above this
     precision: str = "auto"  # one of detr.PRECISIONS
     use_gpu: bool = False  # run on the GPU Ray assigned to the actor
-    cpu_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    cpu_threads: int | None = None  # torch intra-op threads (at most the cores); None keeps torch's default
 
 
 class Detector:
-    """``map_batches`` callable: prepared-image Arrow batch in, :data:`coco.DETECTIONS_SCHEMA` batch out."""
+    """``map_batches`` callable: prepared-image Arrow batch in, :data:`coco.DETECTIONS_SCHEMA` batch out.
 
-    def __init__(self, config: DetectorConfig) -> None:
+    Args:
+        config: what to load and how to run it.
+        on_first_batch: called once, with the wall-clock time (``time.time()``) at which this
+            actor's first batch was done: how the job learns its start-up time without a call
+            per batch.
+    """
+
+    def __init__(self, config: DetectorConfig, on_first_batch: Callable[[float], None] | None = None) -> None:
         if config.use_gpu and not torch.cuda.is_available():
             raise RuntimeError("a GPU actor was requested but CUDA is not available in the actor")
         if config.cpu_threads is not None:
-            # Ray sets OMP_NUM_THREADS to the actor's CPUs; torch is told the same explicitly.
-            torch.set_num_threads(config.cpu_threads)
+            # Ray sets OMP_NUM_THREADS to the actor's logical CPUs, which need not be its thread count;
+            # a node declaring more logical CPUs than it has cores gets no more threads than cores.
+            torch.set_num_threads(min(config.cpu_threads, _cores()))
         self.config = config
         self.device = torch.device("cuda" if config.use_gpu else "cpu")
         self.dtype = detr.autocast_dtype(config.precision, self.device)
-        model = detr.from_pretrained(config.weights)
-        self.model_name = model.weights_name
-        # Frozen BN folded into the convolutions and channels-last: same outputs, faster (benchmarks/RESULTS.md).
-        self.model = detr.optimize_for_inference(model).to(self.device)
+        # Already the fast model for inference: channels-last, frozen norms folded (benchmarks/RESULTS.md).
+        self.model = detr.from_pretrained(config.weights).to(self.device)
+        self.model_name = self.model.weights_name
         self.trim_heap = HeapTrimmer()
+        self._on_first_batch = on_first_batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         uris = batch.column("uri").to_pylist()
@@ -87,7 +97,7 @@ class Detector:
                 detections[i] = records
         if self.device.type == "cpu":  # on GPU the activations live in device memory
             self.trim_heap()
-        return pa.Table.from_pydict(
+        annotated = pa.Table.from_pydict(
             {
                 "uri": uris,
                 "width": widths,
@@ -98,6 +108,10 @@ class Detector:
             },
             schema=DETECTIONS_SCHEMA,
         )
+        if self._on_first_batch is not None:
+            self._on_first_batch(time.time())
+            self._on_first_batch = None
+        return annotated
 
     def detect(self, resized: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]]) -> list[list[dict]]:
         """Detections for one forward pass.
@@ -122,6 +136,11 @@ class Detector:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class HeapTrimmer:

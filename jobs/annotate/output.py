@@ -65,6 +65,7 @@ class Summary:
     detections: int
     skipped: int  # URIs already done in OUTPUT that this run's listing passed over
     seconds: float
+    startup_seconds: float | None = None  # from the job's start to its first annotated batch; None: none ran
 
     @property
     def images_per_second(self) -> float:
@@ -72,10 +73,11 @@ class Summary:
 
     def summary(self) -> str:
         retry = f", {self.retryable} to retry on the next run" if self.retryable else ""
+        startup = f"first image after {self.startup_seconds:.1f} s; " if self.startup_seconds is not None else ""
         return (
             f"annotate: {self.images} images ({self.images - self.errors} ok, {self.errors} errors{retry}), "
             f"{self.detections} detections, {self.images_per_second:.2f} img/s over {self.seconds:.1f} s; "
-            f"{self.skipped} already in {self.output} were skipped"
+            f"{startup}{self.skipped} already in {self.output} were skipped"
         )
 
 

@@ -21,7 +21,6 @@ Ray and its in-flight batches are retried.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
 import uuid
@@ -93,10 +92,12 @@ def main(config: AnnotateConfig) -> Summary:
     """
     import ray
 
+    job_started = time.time()
     check_input(config.input)
-    # Load the weights here first: a missing file, failed download or wrong checkpoint is one
+    # Check the weights here first: a missing file, failed download or wrong checkpoint is one
     # clear error now instead of dying actors later, and it fills this node's download cache.
-    model_name = detr.from_pretrained(config.weights).weights_name
+    # Names and shapes only: the model itself is built once, in each actor.
+    _, model_name = detr.check_weights(config.weights)
     output = OutputFolder(config.output)
     output.prepare()
     run_id = time.strftime("%Y%m%dT%H%M%S") + uuid.uuid4().hex[:6]
@@ -111,14 +112,18 @@ def main(config: AnnotateConfig) -> Summary:
             threshold=config.threshold,
             precision=config.precision,
             use_gpu=plan.gpus_per_actor > 0,
-            cpu_threads=max(1, math.floor(plan.cpus_per_actor)),
+            cpu_threads=plan.threads_per_actor,
         )
-        annotated = build_dataset(config, plan, detector, output, segments)
+        clock = _first_batch_clock()
+        annotated = build_dataset(config, plan, detector, output, segments, clock)
         filesystem, path = arrow_filesystem(config.output)
         started = time.perf_counter()
         _write(annotated, config, plan, path, filesystem, run_id)
         skipped = sum(s.rows for s in segments)
         summary = output.summarize(run_id, skipped=skipped, seconds=time.perf_counter() - started)
+        first_batch = ray.get(clock.earliest.remote())
+        if first_batch is not None:
+            summary = dataclasses.replace(summary, startup_seconds=first_batch - job_started)
         output.index_run(run_id, segments)
         output.write_marker(summary, model_name, arguments(config))
     if config.render_count:
@@ -160,10 +165,40 @@ def _write(annotated, config: AnnotateConfig, plan: ActorPlan, path: str, filesy
         raise BadImageError(f"{bad_image} (--fail-on-error)") from None
 
 
+def _first_batch_clock() -> ray.actor.ActorHandle:
+    """A tiny actor keeping the earliest time (``time.time()``) at which a model actor finished a
+    batch: each actor calls ``note`` once (:class:`Detector`'s ``on_first_batch``)."""
+    import ray
+
+    # Defined in here, not at module level, so that Ray ships the class by value and the clock's
+    # worker imports neither this package nor torch.
+    @ray.remote(num_cpus=0)
+    class FirstBatchClock:
+        def __init__(self) -> None:
+            self.first: float | None = None
+
+        def note(self, wall_time: float) -> None:
+            self.first = wall_time if self.first is None else min(self.first, wall_time)
+
+        def earliest(self) -> float | None:
+            return self.first
+
+    return FirstBatchClock.remote()
+
+
 def build_dataset(
-    config: AnnotateConfig, plan: ActorPlan, detector: DetectorConfig, output: OutputFolder, segments: list[Segment]
+    config: AnnotateConfig,
+    plan: ActorPlan,
+    detector: DetectorConfig,
+    output: OutputFolder,
+    segments: list[Segment],
+    clock: ray.actor.ActorHandle | None = None,
 ) -> ray.data.Dataset:
-    """The lazy pipeline: listing parts -> not-yet-done URIs -> decode tasks -> detector actors."""
+    """The lazy pipeline: listing parts -> not-yet-done URIs -> decode tasks -> detector actors.
+
+    Args:
+        clock: a :func:`_first_batch_clock` the actors report their first batch to, or None.
+    """
     import ray
 
     # Ray 2.60 takes retry bounds only as map_batches' **ray_remote_args, deprecated for 2.64
@@ -219,7 +254,7 @@ def build_dataset(
     )
     return prepared.map_batches(
         Detector,
-        fn_constructor_args=(detector,),
+        fn_constructor_args=(detector, clock.note.remote if clock is not None else None),
         batch_size=plan.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),

@@ -36,7 +36,7 @@ class AnnotateConfig:
     actors: str | None = None  # "N" or "MIN,MAX"; None: one per GPU, else 1
     gpus_per_actor: float | None = None  # None: 1 on a GPU cluster, else 0
     wait_for_gpus: float = 0.0  # seconds the first GPU actors may wait for nodes to join
-    cpus_per_actor: float | None = None  # None: 1 with GPUs, else all of a node's CPUs but one
+    cpus_per_actor: float | None = None  # None: 1 with GPUs, else all of a node's CPUs but one (see actor_plan)
     precision: str = "auto"  # one of detr.PRECISIONS
     min_size: int = detr.MIN_SIZE  # resize so the shorter side is this ...
     max_size: int = detr.MAX_SIZE  # ... unless the longer side would exceed this
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.cpus_per_actor,
         help="CPUs reserved per model actor; torch uses that many threads (default: 1 with GPUs; "
-        "on CPU, all CPUs of the largest node but one, which is left to reading and decoding)",
+        "on CPU, all CPUs of the largest node but one are reserved, the one left for scheduling reading "
+        "and decoding, and torch uses all of the node's cores: decoding needs a small fraction of one)",
     )
     parser.add_argument(
         "--precision",

@@ -5,9 +5,11 @@
         --workers 4 --gpus-per-worker 1 --epochs 50
 
 Modules: :mod:`.settings` (the command line and its config), :mod:`.data` (COCO images and
-boxes as training samples), :mod:`.transforms` (DETR's augmentation), :mod:`.engine` (one epoch,
-one evaluation; no Ray), :mod:`.worker` (the Ray Train worker: loaders, checkpoints, resume) and
-:mod:`.trainer` (the driver).
+boxes as training samples), :mod:`.transforms` (DETR's augmentation), :mod:`.sampler` (the
+resumable epoch permutation and per-sample augmentation seeds), :mod:`.engine` (one epoch, one
+evaluation; no Ray), :mod:`.run_state` (what a checkpoint holds), :mod:`.fingerprint` (which
+settings a resume must share), :mod:`.curves` (TensorBoard and curves.png), :mod:`.worker` (the
+Ray Train worker: loaders, checkpoints, resume) and :mod:`.trainer` (the driver).
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ and those left without area are dropped and counted; images without any annotati
 the dataset as negatives. Images are decoded by :func:`detr.decode_image` (EXIF orientation
 applied, any mode made RGB), because COCO boxes (and the file's ``width``/``height``) are in the
 pixels of the upright image a viewer shows. A file that cannot be used raises
-:class:`coco.CocoFormatError` naming the file and the reason.
+:class:`coco.CocoFormatError` naming the file and the reason, or - for training, with
+``skip_bad_images`` - becomes a :class:`BadImage` that the batch leaves out and the job counts.
+
+Indexed with a :class:`jobs.finetune.sampler.SampleKey`, the dataset draws the sample's
+augmentation from the key's seed alone, so it does not depend on which process reads it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torchvision import tv_tensors
 
 from coco import CocoFormatError, CocoInstances, read_instances, xywh_to_xyxy
 from detr import Category, ImageDecodeError, decode_image
+from jobs.finetune.sampler import SampleKey
 from storage import StorageError, read_bytes
 
 Sample = tuple[tv_tensors.Image, dict[str, Any]]
@@ -49,6 +54,21 @@ class ImageRecord:
     width: int
     boxes_xyxy: np.ndarray
     labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image the dataset could not use (unreadable, undecodable, or not the size its annotations say).
+
+    Args:
+        index: the dataset index.
+        image_id: the file's image id.
+        reason: one line naming the image's URI and what is wrong with it.
+    """
+
+    index: int
+    image_id: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -168,6 +188,7 @@ class CocoDetectionDataset(Dataset):
         images_uri: folder URI the ``file_name`` entries are relative to.
         annotations: the parsed instances file.
         transform: applied to ``(image, target)``; None returns them as read.
+        skip_bad_images: return a :class:`BadImage` for an image that cannot be used instead of raising.
     """
 
     def __init__(
@@ -175,16 +196,39 @@ class CocoDetectionDataset(Dataset):
         images_uri: str,
         annotations: TrainingSet,
         transform: Callable[[Any, Any], Any] | None = None,
+        skip_bad_images: bool = False,
     ) -> None:
         self.images_uri = images_uri.rstrip("/")
         self.annotations = annotations
         self.transform = transform
+        self.skip_bad_images = skip_bad_images
 
     def __len__(self) -> int:
         return len(self.annotations.images)
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, key: int | SampleKey) -> Any:
+        """Sample ``key`` (an index, or a :class:`SampleKey` whose seed fixes the augmentation).
+
+        Raises:
+            CocoFormatError: the image cannot be used (only without ``skip_bad_images``).
+        """
+        index, seed = (key.index, key.seed) if isinstance(key, SampleKey) else (key, None)
         record = self.annotations.images[index]
+        try:
+            image, target = self._read(record)
+        except CocoFormatError as error:
+            if not self.skip_bad_images:
+                raise
+            return BadImage(index, record.image_id, str(error))
+        if self.transform is None:
+            return image, target
+        if seed is None:
+            return self.transform(image, target)
+        with torch.random.fork_rng(devices=[]):  # the transforms draw from torch's global generator
+            torch.manual_seed(seed)
+            return self.transform(image, target)
+
+    def _read(self, record: ImageRecord) -> Sample:
         uri = f"{self.images_uri}/{record.file_name}"
         image = read_image(uri)
         if tuple(image.shape[1:]) != (record.height, record.width):
@@ -197,7 +241,4 @@ class CocoDetectionDataset(Dataset):
             "image_id": record.image_id,
             "orig_size": (record.height, record.width),
         }
-        image = tv_tensors.Image(image)
-        if self.transform is None:
-            return image, target
-        return self.transform(image, target)
+        return tv_tensors.Image(image), target

@@ -9,33 +9,108 @@ ignored exactly as the score job ignores them.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+import detr
 from coco import CocoInstances, DetectionBoxes, evaluate_boxes, xyxy_to_xywh
-from detr import DETR, SetCriterion, collate, postprocess
+from detr import DETR, Category, DetrConfig, SetCriterion, collate, postprocess
 from detr.checkpoint import unwrap
 from detr.criterion import weighted_total
+from jobs.finetune.data import BadImage
 from jobs.finetune.settings import FinetuneConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(
+    settings: FinetuneConfig, model: DetrConfig, categories: Sequence[Category], initial_state: dict[str, Tensor]
+) -> tuple[DETR, SetCriterion]:
+    """The DETR to train and its criterion (:func:`detr.build`): ``initial_state`` loaded, the backbone
+    frozen if asked, and the weights in channels-last memory, which oneDNN (CPU) and cuDNN (GPU)
+    convolve faster (benchmarks/RESULTS.md). Saved state dicts are the same either way."""
+    detector, criterion = detr.build(model, settings.loss, categories)
+    detector.load_state_dict(initial_state)
+    if settings.freeze_backbone:
+        detector.backbone.requires_grad_(False)
+    return detector.to(memory_format=torch.channels_last), criterion
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the epoch and step."""
 
 
-def collate_detection_batch(samples: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor, list[dict]]:
-    """uint8 images of any sizes -> normalized, padded ``pixel_values`` [B, 3, H, W], ``pixel_mask`` [B, H, W]."""
-    images, targets = zip(*samples)
+class TooManyBadImagesError(RuntimeError):
+    """More training images of one epoch were unusable than ``--max-bad-fraction`` allows."""
+
+
+class DetectionBatch(NamedTuple):
+    """A collated batch.
+
+    Args:
+        pixel_values: float32 ``[B, 3, H, W]`` normalized and padded (None when every sample was bad).
+        pixel_mask: bool ``[B, H, W]``, True on image pixels.
+        targets: one dict per image (``boxes`` normalized cxcywh ``[N, 4]``, ``labels`` ``[N]``, ...).
+        skipped: the samples left out because their image could not be used.
+        samples: samples drawn, good and bad: what the sampler's position advances by.
+    """
+
+    pixel_values: Tensor | None
+    pixel_mask: Tensor | None
+    targets: list[dict]
+    skipped: tuple[BadImage, ...] = ()
+    samples: int = 0
+
+
+def collate_detection_batch(samples: Sequence[tuple[Tensor, dict] | BadImage]) -> DetectionBatch:
+    """uint8 images of any sizes -> normalized, padded ``pixel_values`` [B, 3, H, W], ``pixel_mask`` [B, H, W];
+    :class:`BadImage` entries are left out and listed in ``skipped``."""
+    good = [s for s in samples if not isinstance(s, BadImage)]
+    skipped = tuple(s for s in samples if isinstance(s, BadImage))
+    if not good:
+        return DetectionBatch(None, None, [], skipped, len(samples))
+    images, targets = zip(*good)
     batch = collate(list(images), [t["orig_size"] for t in targets])
-    return batch.pixel_values, batch.pixel_mask, list(targets)
+    return DetectionBatch(batch.pixel_values, batch.pixel_mask, list(targets), skipped, len(samples))
+
+
+@dataclass(frozen=True)
+class EpochProgress:
+    """How far an epoch got, summed over all workers: what a mid-epoch checkpoint stores to resume it.
+
+    Args:
+        position: samples of the epoch's permutation drawn (the sampler's start on resume).
+        sums: ``(loss, loss_ce, loss_bbox, loss_giou, steps, images)`` summed over the steps taken.
+        skipped: unusable images met in the epoch.
+    """
+
+    position: int = 0
+    sums: tuple[float, ...] = (0.0,) * 6
+    skipped: int = 0
+
+
+class StepHooks(Protocol):
+    """What the caller does between steps; called on every worker at the same steps."""
+
+    def checkpoint_due(self, step: int) -> bool:
+        """This worker's vote for a checkpoint after ``step``; any vote makes every worker checkpoint."""
+
+    def after_step(self, step: int, losses: dict[str, float], skipped: Sequence[BadImage]) -> None:
+        """``losses``: this step's loss terms averaged over the workers; ``skipped``: this worker's unusable images."""
+
+    def checkpoint(self, step: int, progress: EpochProgress) -> None:
+        """Save a mid-epoch checkpoint after ``step``."""
 
 
 def parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict]:
@@ -60,10 +135,19 @@ def _all_reduce_sum(values: Tensor) -> Tensor:
     return values
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+_LOSS_NAMES = ("loss", "loss_ce", "loss_bbox", "loss_giou")
+# Per-step all-reduce: non-finite flag, checkpoint votes, skipped images, workers that trained, loss terms.
+_NONFINITE, _VOTES, _SKIPPED, _TRAINED, _LOSSES = 0, 1, 2, 3, slice(4, 8)
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: SetCriterion,
-    loader: Iterable,
+    loader: Iterable[DetectionBatch],
     optimizer: torch.optim.Optimizer,
     config: FinetuneConfig,
     device: torch.device,
@@ -71,36 +155,66 @@ def train_one_epoch(
     step: int,
     autocast: ContextManager | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    *,
+    progress: EpochProgress = EpochProgress(),
+    hooks: StepHooks | None = None,
+    dataset_size: int | None = None,
 ) -> tuple[dict[str, float], int]:
-    """One pass over this worker's shard.
+    """One pass over this worker's shard (the rest of it, when ``progress`` resumes a checkpoint).
 
+    Unusable images are left out of their batch and logged, one line each; a batch left without
+    images steps with a zero loss, so every worker still takes part in DDP's gradient all-reduce.
+
+    Args:
+        progress: where a mid-epoch checkpoint left the epoch (its sums count towards the epoch's metrics).
+        hooks: checkpoint votes and saves, per-step logging (None: none).
+        dataset_size: the training set's size, for ``--max-bad-fraction`` (None: no limit).
     Returns:
         The epoch's metrics averaged over all workers' steps (``loss`` - the weighted total -
-        ``loss_ce``, ``loss_bbox``, ``loss_giou`` of the last decoder layer, ``images_per_second``
-        summed over workers) and the global step count after the epoch.
+        ``loss_ce``, ``loss_bbox``, ``loss_giou`` of the last decoder layer, ``images`` trained on and
+        ``skipped_images`` in the epoch, ``images_per_second`` summed over workers) and the global step
+        count after the epoch.
     Raises:
         NonFiniteLossError: on every worker as soon as any worker's loss is NaN or infinite.
+        TooManyBadImagesError: on every worker as soon as more than ``--max-bad-fraction`` of the
+            training set has proved unusable in this epoch.
     """
     model.train()
     criterion.train()
-    names = ("loss", "loss_ce", "loss_bbox", "loss_giou")
-    sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # + steps, images
+    world_size = _world_size()
+    sums = torch.zeros(len(_LOSS_NAMES) + 2, dtype=torch.float64)  # + steps, images: this worker, this session
+    position, skipped = progress.position, progress.skipped
+    limit = config.max_bad_fraction * dataset_size if dataset_size is not None else math.inf
     start = time.perf_counter()
-    for pixel_values, pixel_mask, targets in loader:
+    for batch in loader:
+        for bad in batch.skipped:
+            logger.warning("skipped training image %s", bad.reason)
+        trained = batch.pixel_values is not None
+        pixel_values, pixel_mask, targets = batch[:3] if trained else _stand_in_batch()
         pixel_values = pixel_values.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         pixel_mask = pixel_mask.to(device, non_blocking=True)
         targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in targets]
         with autocast or nullcontext():
             outputs = model(pixel_values, pixel_mask)
         losses = criterion(_to_float32(outputs), targets)
-        loss = weighted_total(losses, config.loss.loss_weights)
+        loss = weighted_total(losses, config.loss.loss_weights) * (1.0 if trained else 0.0)
+        vote = hooks is not None and hooks.checkpoint_due(step + 1)
+        local = [float(not math.isfinite(loss.item())), float(vote), float(len(batch.skipped)), float(trained)]
+        local += [loss.item(), *(losses[n].item() for n in _LOSS_NAMES[1:])] if trained else [0.0] * 4
         # Every worker must stop at the same step, or the healthy ones would wait forever in all-reduce.
-        bad = _all_reduce_sum(torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0], device=device))
-        if bad.item() > 0:
+        reduced = _all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).cpu()
+        if reduced[_NONFINITE] > 0:
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if not k[-1].isdigit())
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, step {step} (loss={loss.item():.4g}; {terms}); "
                 f"lower --lr or use --precision fp32"
+            )
+        skipped += int(reduced[_SKIPPED].item())
+        if skipped > limit:
+            raise TooManyBadImagesError(
+                f"{skipped} training images of epoch {epoch} are unusable, more than --max-bad-fraction "
+                f"{config.max_bad_fraction:g} of {dataset_size}; the log has a line for each "
+                f"('skipped training image ...')"
             )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -110,20 +224,47 @@ def train_one_epoch(
             loss.backward()
         if config.clip_max_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
+        any_trained = reduced[_TRAINED] > 0  # else AdamW's decay and moments would move on zero gradients
         if scaler is not None:
-            scaler.step(optimizer)
+            if any_trained:
+                scaler.step(optimizer)
             scaler.update()
-        else:
+        elif any_trained:
             optimizer.step()
         step += 1
-        values = [loss.item(), *(losses[n].item() for n in names[1:]), 1.0, float(len(targets))]
-        sums += torch.tensor(values, dtype=torch.float64)
+        position += batch.samples * world_size  # every worker draws as many samples (the sampler pads)
+        if dataset_size is not None:
+            position = min(position, dataset_size)
+        if trained:
+            sums += torch.tensor([*local[_LOSSES], 1.0, float(len(targets))], dtype=torch.float64)
+        if hooks is not None:
+            workers = max(reduced[_TRAINED].item(), 1.0)
+            means = {n: reduced[_LOSSES][i].item() / workers for i, n in enumerate(_LOSS_NAMES)}
+            hooks.after_step(step, means, batch.skipped)
+            if reduced[_VOTES] > 0:
+                hooks.checkpoint(step, EpochProgress(position, _global_sums(sums, progress, device), skipped))
     elapsed = time.perf_counter() - start
-    totals = _all_reduce_sum(sums.to(device)).cpu()
-    steps = max(totals[-2].item(), 1.0)
-    metrics = {n: totals[i].item() / steps for i, n in enumerate(names)}
-    metrics["images_per_second"] = totals[-1].item() / max(elapsed, 1e-9)
+    session_images = _all_reduce_sum(sums[-1:].clone().to(device)).cpu().item()
+    totals = _global_sums(sums, progress, device)
+    steps = max(totals[-2], 1.0)
+    metrics = {n: totals[i] / steps for i, n in enumerate(_LOSS_NAMES)}
+    metrics["images"] = int(totals[-1])
+    metrics["skipped_images"] = skipped
+    metrics["images_per_second"] = session_images / max(elapsed, 1e-9)
     return metrics, step
+
+
+def _global_sums(sums: Tensor, progress: EpochProgress, device: torch.device) -> tuple[float, ...]:
+    """This session's sums of every worker plus those a resumed checkpoint carried."""
+    reduced = _all_reduce_sum(sums.clone().to(device)).cpu()
+    return tuple(float(a + b) for a, b in zip(reduced.tolist(), progress.sums))
+
+
+def _stand_in_batch() -> tuple[Tensor, Tensor, list[dict]]:
+    """One black 32 x 32 image without objects: the forward pass of a batch whose images were all unusable
+    (its loss is multiplied by 0, so it only keeps this worker in step with the others)."""
+    target = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    return torch.zeros(1, 3, 32, 32), torch.ones(1, 32, 32, dtype=torch.bool), [target]
 
 
 def _to_float32(outputs: dict) -> dict:
@@ -149,7 +290,7 @@ def evaluate(
 @torch.no_grad()
 def predict_detections(
     model: DETR,
-    batches: Iterable[tuple[Tensor, Tensor, list[dict]]],
+    batches: Iterable[DetectionBatch],
     device: torch.device,
     autocast: ContextManager | None = None,
 ) -> np.ndarray:
@@ -157,8 +298,8 @@ def predict_detections(
 
     Args:
         model: the (unwrapped) DETR, put in eval mode here.
-        batches: ``(pixel_values [B, 3, H, W], pixel_mask [B, H, W], targets)`` with ``image_id`` and
-            ``orig_size`` (height, width) in each target.
+        batches: :class:`DetectionBatch` es with ``image_id`` and ``orig_size`` (height, width) in each
+            target; unusable images are logged and get no detections.
     Returns:
         float64 ``[D, 7]`` rows ``(image_id, category_id, x, y, width, height, score)``, boxes as absolute
         xywh pixels of the original image.
@@ -166,7 +307,12 @@ def predict_detections(
     model.eval()
     category_ids = torch.tensor([c.id for c in model.categories], dtype=torch.float64)
     rows = []
-    for pixel_values, pixel_mask, targets in batches:
+    for batch in batches:
+        for bad in batch.skipped:
+            logger.warning("skipped validation image %s", bad.reason)
+        if batch.pixel_values is None:
+            continue
+        pixel_values, pixel_mask, targets = batch.pixel_values, batch.pixel_mask, batch.targets
         with autocast or nullcontext():
             outputs = model(pixel_values.to(device), pixel_mask.to(device))
         sizes = torch.tensor([t["orig_size"] for t in targets], dtype=torch.int64)

@@ -34,7 +34,7 @@ class FinetuneConfig:
 
     train_images: str  # folder URI the training annotations' file names are relative to
     train_annotations: str  # COCO instances JSON URI
-    output: str  # folder URI for final.pth, best.pth and metrics.json
+    output: str  # folder URI for final.pth, best.pth, hub/, metrics.json, curves.png and tensorboard/
     val_images: str | None = None
     val_annotations: str | None = None
     checkpoint_dir: str | None = None  # Ray Train run folder; None: OUTPUT/checkpoints
@@ -67,10 +67,26 @@ class FinetuneConfig:
     cpus_per_worker: float = 1.0
     loader_workers: int = 2  # DataLoader processes per worker
     max_failures: int = 3  # worker failures to recover from (-1: unlimited)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the best epoch by val AP is kept besides these, and the latest always
+    # Mid-epoch checkpoints (besides the one after every epoch), whichever comes first; 0 turns either off.
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 10.0  # a lost node costs at most this much training (plus the restart)
+    max_bad_fraction: float = 0.01  # unusable training images tolerated per epoch before the run stops
+    log_every_steps: int = 20  # TensorBoard scalars of the training loss
+    restart: bool = False  # delete the run's checkpoints and outputs and start over
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "lr", "workers", "min_size", "max_size", "lr_drop", "keep_checkpoints")
+        positive = (
+            "epochs",
+            "batch_size",
+            "lr",
+            "workers",
+            "min_size",
+            "max_size",
+            "lr_drop",
+            "keep_checkpoints",
+            "log_every_steps",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise FinetuneInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -81,6 +97,8 @@ class FinetuneConfig:
             "gpus_per_worker",
             "loader_workers",
             "cpus_per_worker",
+            "checkpoint_every_steps",
+            "checkpoint_every_minutes",
         ):
             if getattr(self, name) < 0:
                 raise FinetuneInputError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
@@ -94,6 +112,8 @@ class FinetuneConfig:
             raise FinetuneInputError(f"--min-size {self.min_size} exceeds --max-size {self.max_size}")
         if self.augmentation not in AUGMENTATIONS:
             raise FinetuneInputError(f"--augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise FinetuneInputError(f"--max-bad-fraction must lie in [0, 1], got {self.max_bad_fraction}")
 
     @property
     def from_scratch(self) -> bool:
@@ -122,9 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-annotations", required=True, help="COCO instances JSON URI of the training images")
     data.add_argument("--val-images", help="folder URI of the validation images (enables validation AP)")
     data.add_argument("--val-annotations", help="COCO instances JSON URI of the validation images")
-    data.add_argument("--output", required=True, help="output folder URI for final.pth, best.pth and metrics.json")
     data.add_argument(
-        "--checkpoint-dir", help="Ray Train run folder URI for per-epoch checkpoints (default OUTPUT/checkpoints)"
+        "--output",
+        required=True,
+        help="output folder URI: final.pth, best.pth, hub/ (transformers layout), metrics.json, curves.png, "
+        "tensorboard/",
+    )
+    data.add_argument(
+        "--checkpoint-dir", help="Ray Train run folder URI for the checkpoints (default OUTPUT/checkpoints)"
     )
     model = p.add_argument_group("model")
     model.add_argument(
@@ -197,6 +222,40 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.keep_checkpoints,
         help="checkpoints kept (best by val AP, plus the latest)",
+    )
+    resume = p.add_argument_group(
+        "checkpoints and resume",
+        "A checkpoint is written after every epoch and, within an epoch, every N steps or M minutes; the upload "
+        "runs in the background. Starting the job again with the same --output (or --checkpoint-dir) resumes at "
+        "the sample where the latest checkpoint was taken, if the settings that change results are the same "
+        "(else it stops and names the flag); a finished run is not trained again.",
+    )
+    resume.add_argument(
+        "--checkpoint-every-steps",
+        type=int,
+        default=d.checkpoint_every_steps,
+        help="mid-epoch checkpoint every N optimizer steps (0: off)",
+    )
+    resume.add_argument(
+        "--checkpoint-every-minutes",
+        type=float,
+        default=d.checkpoint_every_minutes,
+        help="mid-epoch checkpoint every M minutes of training (0: off)",
+    )
+    resume.add_argument(
+        "--restart",
+        action="store_true",
+        help="delete the run's checkpoints and outputs under OUTPUT and train from the start",
+    )
+    resume.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=d.max_bad_fraction,
+        help="unusable training images (unreadable, corrupt, wrong size) are skipped and counted; more than "
+        "this fraction of the training set in one epoch stops the run",
+    )
+    resume.add_argument(
+        "--log-every-steps", type=int, default=d.log_every_steps, help="TensorBoard training-loss scalars every N steps"
     )
     return p
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,6 +43,23 @@ def test_detector_batches_equal_single_image_calls(tiny_checkpoint, tmp_path):
     half = Detector(DetectorConfig(weights=tiny_checkpoint, threshold=0.01, precision="bf16"))(prepared)
     assert half.schema.equals(DETECTIONS_SCHEMA) and half.column("error").to_pylist() == out.column("error").to_pylist()
     assert half.column("model").to_pylist() == [model.weights_name] * len(uris)
+
+
+def test_detector_reports_its_first_batch_once(tiny_checkpoint, tmp_path):
+    (tmp_path / "a.jpg").write_bytes(encode(Image.fromarray(scene(0)), "JPEG"))
+    prepared = prepare_images(pa.table({"uri": [f"file://{tmp_path}/a.jpg"]}), min_size=64, max_size=96)
+    reported: list[float] = []
+    threads = torch.get_num_threads()
+    try:
+        detector = Detector(DetectorConfig(weights=tiny_checkpoint, cpu_threads=1), on_first_batch=reported.append)
+        assert torch.get_num_threads() == 1, "the thread count is set explicitly, whatever OMP_NUM_THREADS says"
+        before = time.time()
+        detector(prepared)
+        after = time.time()
+        detector(prepared)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(reported) == 1 and before <= reported[0] <= after
 
 
 def test_aspect_groups_keep_orientations_apart():

@@ -153,3 +153,98 @@ def local_path_of(name: str) -> Path:
     """Where a registry name's download is cached (the cache layout of detr.download)."""
     url = resolve_url(name)
     return cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(url).name
+
+
+def transformers_outputs(folder: Path, pixel_values: torch.Tensor, pixel_mask: torch.Tensor):
+    """``(logits, boxes)`` of transformers' own DetrForObjectDetection loaded from a hub folder."""
+    from transformers import DetrForObjectDetection
+
+    model, info = DetrForObjectDetection.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        outputs = model.eval()(pixel_values=pixel_values, pixel_mask=pixel_mask.long())
+    return model, outputs.logits, outputs.pred_boxes
+
+
+def random_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two normalized images [2, 3, 96, 128], the second padded on its right quarter."""
+    pixel_values = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(seed))
+    pixel_mask = torch.ones(2, 96, 128, dtype=torch.bool)
+    pixel_mask[1, :, 96:] = False
+    return pixel_values, pixel_mask
+
+
+@pytest.mark.parametrize("variant", ["tiny-resnet18", "r50", "r50-dc5"])
+def test_hub_layout_export_loads_in_transformers_with_equal_outputs(tmp_path, reference_r50, variant):
+    categories = [detr.Category(i, n) for i, n in [(10, "square"), (20, "circle"), (30, "triangle")]]
+    if variant == "tiny-resnet18":
+        torch.manual_seed(0)
+        model = detr.DETR(tiny_config(num_classes=3), categories)
+        randomize_(model, seed=4)
+    else:
+        model = detr.from_pretrained(str(reference_r50[2]), dilation=variant == "r50-dc5")
+    model.eval()
+    pixel_values, pixel_mask = random_batch()
+
+    detr.save_pretrained(model, str(tmp_path / "hub"), layout="hub")
+
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    hf_model, logits, boxes = transformers_outputs(tmp_path / "hub", pixel_values, pixel_mask)
+    with torch.no_grad():
+        ours = model(pixel_values, pixel_mask)
+    torch.testing.assert_close(ours["pred_logits"], logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours["pred_boxes"], boxes, atol=1e-4, rtol=0)
+    assert hf_model.config.id2label == {i: c.name for i, c in enumerate(model.categories)}
+    assert hf_model.config.dilation == model.config.dilation and hf_model.config.num_queries == model.config.num_queries
+
+
+def test_hub_export_round_trips_with_category_ids_through_object_storage(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("DETR_RAY_CACHE", str(tmp_path / "cache"))
+    categories = [detr.Category(i, n) for i, n in [(5, "a"), (7, "b"), (9, "c")]]
+    model = detr.DETR(tiny_config(num_classes=3, num_heads=2), categories)  # 2 heads: not readable off the tensors
+    randomize_(model, seed=5)
+    folder = f"s3://{s3_bucket}/runs/1/hub"
+
+    detr.save_pretrained(model, folder, layout="hub")
+
+    loaded = detr.from_pretrained(f"{folder}/model.safetensors")
+    assert loaded.config == model.config and loaded.categories == tuple(categories)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_hub_layout_names_are_the_inverse_of_reading_them(reference_r50):
+    from safetensors.torch import load_file
+
+    from detr.checkpoint import to_hub_layout
+
+    hub = load_file(reference_r50[1])  # written by transformers' own save_pretrained
+    ours = detr.from_pretrained(str(reference_r50[1])).state_dict()
+    exported = to_hub_layout(ours)
+    assert exported.keys() == {k for k in hub if not k.endswith("num_batches_tracked")}
+    assert all(torch.equal(exported[k], hub[k]) for k in exported)
+
+
+def test_unknown_layout_and_inexpressible_models_are_refused(tmp_path):
+    model = detr.DETR(tiny_config(position_temperature=20.0))
+    with pytest.raises(ValueError, match=r"layout must be one of \('original', 'hub'\), got 'onnx'"):
+        detr.save_pretrained(model, str(tmp_path / "x"), layout="onnx")
+    with pytest.raises(ValueError, match="fixed position temperature of 10000; this model uses 20"):
+        detr.save_pretrained(model, str(tmp_path / "x"), layout="hub")
+
+
+def test_hub_folder_image_processor_prepares_images_as_we_do(tmp_path):
+    from transformers import DetrImageProcessor
+
+    detr.save_pretrained(detr.DETR(tiny_config()), str(tmp_path), layout="hub", image_size=(128, 213))
+    processor = DetrImageProcessor.from_pretrained(tmp_path)
+    image = torch.randint(0, 256, (100, 300, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"]
+    ours = detr.preprocess([image], min_size=128, max_size=213).pixel_values
+
+    assert theirs.shape == ours.shape == (1, 3, 71, 213)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
