@@ -37,9 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import detr  # noqa: E402
 from detr.criterion import weighted_total  # noqa: E402
-from jobs.finetune.engine import DetectionBatch, build_optimizer, train_one_epoch  # noqa: E402
+from jobs.finetune.engine import DetectionBatch, build_model, build_optimizer, train_one_epoch  # noqa: E402
 from jobs.finetune.settings import FinetuneConfig  # noqa: E402
-from jobs.finetune.worker import TrainingSpec, build_model  # noqa: E402
 
 from checkpoints import reference_model, write_hub_layout  # noqa: E402
 
@@ -136,7 +135,7 @@ def main(args: argparse.Namespace) -> None:
     config = dataclasses.replace(loaded.config, dropout=0.0)
     # Our model as the finetune worker builds it, and one step = its train_one_epoch over one batch.
     settings = FinetuneConfig("unused", "unused", "unused")
-    ours, criterion = build_model(TrainingSpec(settings, config, loaded.categories, {}), loaded.state_dict())
+    ours, criterion = build_model(settings, config, loaded.categories, loaded.state_dict())
     ours, criterion = ours.to(device), criterion.to(device)
     matcher = criterion.matcher = TimedMatcher(criterion.matcher, args.device)
     pixel_values, pixel_mask, targets = make_batch(args, args.device)

@@ -105,6 +105,36 @@ def collate(resized: Sequence[Tensor], original_sizes: Sequence[tuple[int, int]]
     return ImageBatch(pixel_values, pixel_mask, torch.tensor(list(original_sizes), dtype=torch.int64))
 
 
+def collate_on(
+    device: torch.device | str, resized: Sequence[Tensor], original_sizes: Sequence[tuple[int, int]]
+) -> ImageBatch:
+    """:func:`collate` with the normalization done on ``device``.
+
+    Host images are padded as uint8 and copied as uint8 (a quarter of float32's bytes; from pinned
+    memory, asynchronously, to a GPU), then normalized there; images already on ``device`` (decoded
+    there) are padded there. Same values as :func:`collate`, padding 0; every tensor is on ``device``.
+    """
+    if not resized or len(resized) != len(original_sizes):
+        raise ValueError(f"need one original size per image, got {len(resized)} images and {len(original_sizes)} sizes")
+    device = torch.device(device)
+    source = resized[0].device
+    pinned = source.type == "cpu" and device.type == "cuda"
+    height = max(int(im.shape[1]) for im in resized)
+    width = max(int(im.shape[2]) for im in resized)
+    pixels = torch.zeros(len(resized), 3, height, width, dtype=torch.uint8, device=source, pin_memory=pinned)
+    pixel_mask = torch.zeros(len(resized), height, width, dtype=torch.bool, device=source, pin_memory=pinned)
+    for i, image in enumerate(resized):
+        h, w = image.shape[1:]
+        pixels[i, :, :h, :w] = image
+        pixel_mask[i, :h, :w] = True
+    pixels = pixels.to(device, non_blocking=True)
+    pixel_mask = pixel_mask.to(device, non_blocking=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    pixel_values = ((pixels.float() / 255.0 - mean) / std).masked_fill_(~pixel_mask[:, None], 0.0)
+    return ImageBatch(pixel_values, pixel_mask, torch.tensor(list(original_sizes), dtype=torch.int64, device=device))
+
+
 def preprocess(images: Sequence[ImageLike], min_size: int = MIN_SIZE, max_size: int = MAX_SIZE) -> ImageBatch:
     """Resize, normalize and pad decoded RGB images of any mix of sizes into one batch."""
     chw = [to_chw_uint8(im) for im in images]

@@ -114,3 +114,16 @@ def write_tiny_checkpoint(path: str, seed: int = 0, **overrides) -> str:
     randomize_(model, seed)
     detr.save_pretrained(model, path)
     return path
+
+
+def write_decisive_checkpoint(path: str, config: detr.DetrConfig, seed: int = 0) -> str:
+    """Random weights whose class head is scaled up, so scores spread over (0, 1) as a trained model's do
+    (unscaled, every query scores ~0.1 and near-tied classes make "the same detections" meaningless)."""
+    torch.manual_seed(seed)
+    model = detr.DETR(config)
+    randomize_(model, seed)
+    with torch.no_grad():
+        model.class_embed.weight.mul_(8.0)
+        model.class_embed.bias.mul_(8.0)
+    detr.save_pretrained(model, path)
+    return path

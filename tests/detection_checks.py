@@ -33,3 +33,36 @@ def assert_same_detections(actual: list[dict], expected: list[dict]) -> None:
         )
         assert match is not None, f"no match for {want}"
         unmatched.remove(match)
+
+
+def assert_close_detections(
+    actual: list[dict], expected: list[dict], *, threshold: float, score_tol: float, box_tol_px: float
+) -> int:
+    """Two runs' detections of one image agree within a numeric tolerance (another device or precision).
+
+    A detection whose score lies within ``score_tol`` of ``threshold`` may be kept by one run and not the
+    other; every detection scoring above ``threshold + score_tol`` in either run must have a partner in the
+    other with the same category, a score within ``score_tol`` and every box coordinate within
+    ``box_tol_px`` pixels. Returns how many detections were matched.
+    """
+    unmatched = list(actual)
+    matched = 0
+    for want in expected:
+        match = next(
+            (
+                got
+                for got in unmatched
+                if got["category_id"] == want["category_id"]
+                and abs(got["score"] - want["score"]) <= score_tol
+                and np.abs(np.subtract(got["box"], want["box"])).max() <= box_tol_px
+            ),
+            None,
+        )
+        if match is not None:
+            unmatched.remove(match)
+            matched += 1
+        else:
+            assert want["score"] <= threshold + score_tol, f"no match for {want}"
+    stray = [got for got in unmatched if got["score"] > threshold + score_tol]
+    assert not stray, f"detections without a partner: {stray[:3]}"
+    return matched

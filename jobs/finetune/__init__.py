@@ -18,11 +18,21 @@ from collections.abc import Sequence
 
 from jobs import cli
 from jobs.finetune.settings import FinetuneConfig, build_parser, config_from_args, parse_config
-from jobs.finetune.trainer import main
 
 __all__ = ["FinetuneConfig", "build_parser", "config_from_args", "main", "parse_config", "run"]
 
 
+def __getattr__(name: str) -> object:
+    # The driver (Ray) is loaded on first use: the Ray-free modules (settings, engine, ...) import without Ray.
+    if name == "main":
+        from jobs.finetune.trainer import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """``python -m jobs.finetune``: the exit status."""
+    from jobs.finetune.trainer import main
+
     return cli.run("finetune", build_parser, config_from_args, main, argv)

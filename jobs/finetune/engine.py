@@ -23,14 +23,28 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+import detr
 from coco import CocoInstances, DetectionBoxes, evaluate_boxes, xyxy_to_xywh
-from detr import DETR, SetCriterion, collate, postprocess
+from detr import DETR, Category, DetrConfig, SetCriterion, collate, postprocess
 from detr.checkpoint import unwrap
 from detr.criterion import weighted_total
 from jobs.finetune.data import BadImage
 from jobs.finetune.settings import FinetuneConfig
 
 logger = logging.getLogger(__name__)
+
+
+def build_model(
+    settings: FinetuneConfig, model: DetrConfig, categories: Sequence[Category], initial_state: dict[str, Tensor]
+) -> tuple[DETR, SetCriterion]:
+    """The DETR to train and its criterion (:func:`detr.build`): ``initial_state`` loaded, the backbone
+    frozen if asked, and the weights in channels-last memory, which oneDNN (CPU) and cuDNN (GPU)
+    convolve faster (benchmarks/RESULTS.md). Saved state dicts are the same either way."""
+    detector, criterion = detr.build(model, settings.loss, categories)
+    detector.load_state_dict(initial_state)
+    if settings.freeze_backbone:
+        detector.backbone.requires_grad_(False)
+    return detector.to(memory_format=torch.channels_last), criterion
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -32,13 +32,14 @@ from torch.utils.data import DataLoader, Subset
 
 import detr
 from coco import CocoInstances
-from detr import DETR, Category, DetrConfig, SetCriterion
+from detr import Category, DetrConfig
 from jobs.finetune.curves import TrainingCurves
 from jobs.finetune.data import BadImage, CocoDetectionDataset, read_training_set
 from jobs.finetune.engine import (
     EpochProgress,
     NonFiniteLossError,
     TooManyBadImagesError,
+    build_model,
     build_optimizer,
     collate_detection_batch,
     evaluate,
@@ -115,17 +116,6 @@ def build_loaders(
     # A strided slice, not a padded sampler: padding would score some images twice.
     val_slice = Subset(val_set, list(range(rank, len(val_set), world_size)))
     return train_loader, _loader(val_slice, config, None, cuda), validation.instances
-
-
-def build_model(spec: TrainingSpec, initial_state: dict[str, Tensor]) -> tuple[DETR, SetCriterion]:
-    """The DETR to train and its criterion (:func:`detr.build`): ``initial_state`` loaded, the backbone
-    frozen if asked, and the weights in channels-last memory, which oneDNN (CPU) and cuDNN (GPU)
-    convolve faster (benchmarks/RESULTS.md). Saved state dicts are the same either way."""
-    model, criterion = detr.build(spec.model, spec.config.loss, spec.categories)
-    model.load_state_dict(initial_state)
-    if spec.config.freeze_backbone:
-        model.backbone.requires_grad_(False)
-    return model.to(memory_format=torch.channels_last), criterion
 
 
 def _gather(value: Any) -> list[Any]:
@@ -250,7 +240,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     else:
         model_state, training_state = ray.get(loop_config["initial_weights"]), None
         progress = RunProgress(spec.fingerprint, world_size=world_size)
-    model, criterion = build_model(spec, model_state)
+    model, criterion = build_model(spec.config, spec.model, spec.categories, model_state)
     model, criterion = ray.train.torch.prepare_model(model), criterion.to(device)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_drop)

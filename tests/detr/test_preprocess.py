@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import detr
+from detr.preprocess import collate_on
 
 transformers = pytest.importorskip("transformers")
 from transformers import DetrImageProcessor  # noqa: E402
@@ -77,3 +78,31 @@ def test_bad_images_say_what_was_expected(image, message):
 def test_bad_sizes():
     with pytest.raises(ValueError, match="min_size=900, max_size=800"):
         detr.resized_shape(100, 100, 900, 800)
+
+
+def _uint8_images(seed: int) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(48, 80), (80, 48), (64, 64)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in shapes]
+    return images, [(2 * h, 2 * w) for h, w in shapes]
+
+
+def test_collate_on_a_device_gives_the_same_batch_as_collate():
+    images, sizes = _uint8_images(seed=3)
+    expected = detr.collate(images, sizes)
+    got = collate_on("cpu", images, sizes)
+    assert torch.equal(got.pixel_values, expected.pixel_values)  # same float operations in the same order
+    assert torch.equal(got.pixel_mask, expected.pixel_mask) and torch.equal(got.original_sizes, expected.original_sizes)
+    with pytest.raises(ValueError, match="2 images and 1 sizes"):
+        collate_on("cpu", images[:2], sizes[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_collate_on_cuda_normalizes_there_like_collate_on_the_host():
+    images, sizes = _uint8_images(seed=4)
+    expected = detr.collate(images, sizes)
+    got = collate_on("cuda", images, sizes)
+    assert got.pixel_values.is_cuda and got.pixel_mask.is_cuda
+    torch.testing.assert_close(got.pixel_values.cpu(), expected.pixel_values, atol=1e-6, rtol=0)
+    assert torch.equal(got.pixel_mask.cpu(), expected.pixel_mask)

@@ -31,6 +31,7 @@ from jobs.finetune.data import CocoDetectionDataset, read_training_set
 from jobs.finetune.engine import (
     NonFiniteLossError,
     TooManyBadImagesError,
+    build_model,
     coco_box_ap,
     collate_detection_batch,
     predict_detections,
@@ -39,7 +40,6 @@ from jobs.finetune.engine import (
 from jobs.finetune.settings import FinetuneConfig
 from jobs.finetune.trainer import initial_model
 from jobs.finetune.transforms import AugmentationConfig, eval_transform
-from jobs.finetune.worker import TrainingSpec, build_model
 from jobs.synthetic_shapes import ShapesConfig, generate
 
 from checkpoints import write_tiny_checkpoint
@@ -381,7 +381,7 @@ def test_non_finite_loss_names_the_step(tmp_path):
     config = FinetuneConfig(
         f"{tmp_path}/train/images", f"{tmp_path}/train/annotations.json", "o", batch_size=2, loader_workers=0
     )
-    model, criterion = build_model(TrainingSpec(config, model.config, model.categories, {}), state)
+    model, criterion = build_model(config, model.config, model.categories, state)
     dataset = CocoDetectionDataset(
         config.train_images,
         read_training_set(config.train_annotations),
@@ -403,7 +403,7 @@ def test_unusable_images_are_logged_counted_and_too_many_stop_the_epoch(tmp_path
     )
     args = parse_config([*dataset_args(str(tmp_path), False), "--output", "o", *TINY_SCRATCH])
     model = initial_model(args, read_training_set(config.train_annotations).categories)
-    model, criterion = build_model(TrainingSpec(config, model.config, model.categories, {}), model.state_dict())
+    model, criterion = build_model(config, model.config, model.categories, model.state_dict())
     dataset = CocoDetectionDataset(
         config.train_images,
         read_training_set(config.train_annotations),
