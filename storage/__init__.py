@@ -8,7 +8,7 @@ This package imports neither torch, Ray nor the model.
 from .errors import StorageError, one_line
 from .exclusive import create_exclusive
 from .faults import is_transient
-from .listing import KeyRange, iter_folder, iter_sorted, split_ranges
+from .listing import KeyRange, folder_exists, iter_folder, iter_sorted, split_ranges
 from .objects import (
     DEFAULT_MAX_OBJECT_BYTES,
     ObjectTooLargeError,
@@ -31,6 +31,7 @@ __all__ = [
     "carries_secret",
     "create_exclusive",
     "filesystem_for",
+    "folder_exists",
     "is_local",
     "is_transient",
     "iter_folder",

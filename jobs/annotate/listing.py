@@ -38,7 +38,16 @@ import pyarrow.parquet as pq
 
 from jobs.annotate.done_index import DoneCursor, DoneIndex, Segment
 from jobs.cli import UserError
-from storage import KeyRange, filesystem_for, is_local, iter_sorted, one_line, redact, split_ranges
+from storage import (
+    KeyRange,
+    filesystem_for,
+    folder_exists,
+    is_local,
+    iter_sorted,
+    one_line,
+    redact,
+    split_ranges,
+)
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MANIFEST_SUFFIXES = (".txt", ".parquet", "manifest.json")
@@ -94,7 +103,7 @@ def check_input(uri: str) -> None:
         if is_manifest(uri):
             if not fs.isfile(path):
                 raise ImageSourceError(f"{shown}: no such manifest file")
-        elif not fs.isdir(path):
+        elif not folder_exists(fs, path):
             if fs.isfile(path):
                 raise ImageSourceError(f"{shown}: is a file, expected a folder, prefix or .txt/.parquet manifest")
             raise ImageSourceError(f"{shown}: no such folder or prefix")

@@ -152,6 +152,13 @@ def test_check_input_names_the_problem(tmp_path, s3_bucket):
         check_input(f"s3://{s3_bucket}/list.txt")
     with pytest.raises(ImageSourceError, match="no such folder or prefix"):
         check_input(f"s3://{s3_bucket}/nothing-here")
+    with pytest.raises(ImageSourceError, match="no such folder or prefix"):
+        check_input("s3://no-such-bucket-here/images")
+    s3fs.S3FileSystem(skip_instance_cache=True).pipe({f"{s3_bucket}/photos/a.jpg": b"x"})
+    check_input(f"s3://{s3_bucket}/photos")
+    check_input(f"s3://{s3_bucket}/photos/")
+    with pytest.raises(ImageSourceError, match=r"a\.jpg: is a file, expected a folder"):
+        check_input(f"s3://{s3_bucket}/photos/a.jpg")
     with pytest.raises(ImageSourceError, match=r"^https://h\.example/l\.txt: ") as error:
         check_input("https://h.example/l.txt?X-Amz-Signature=secret")
     assert "secret" not in str(error.value)

@@ -7,7 +7,16 @@ import threading
 import pytest
 import s3fs
 
-from storage import KeyRange, create_exclusive, filesystem_for, iter_folder, iter_sorted, redact, split_ranges
+from storage import (
+    KeyRange,
+    create_exclusive,
+    filesystem_for,
+    folder_exists,
+    iter_folder,
+    iter_sorted,
+    redact,
+    split_ranges,
+)
 
 # Names that glob, URL-quote or sort in surprising ways; a folder whose name looks like an image.
 ODD_NAMES = [
@@ -114,6 +123,29 @@ def test_folder_listing_is_one_level_and_prefix_filtered(tmp_path, s3_bucket):
     assert [p for page in iter_folder(fs, root, "annotations-") for p, _ in page] == [
         f"{tmp_path}/annotations-1.parquet"
     ]
+
+
+def test_folder_exists_asks_s3_for_one_key_however_large_the_prefix(s3_bucket, tmp_path):
+    fs = s3()
+    fs.pipe({f"{s3_bucket}/many/{i:05d}.jpg": b"x" for i in range(1200)})  # two listing pages
+    calls = []
+    call_s3 = fs._call_s3
+
+    async def counted(method, *args, **kwargs):  # the real request, counted
+        calls.append((method, kwargs.get("MaxKeys")))
+        return await call_s3(method, *args, **kwargs)
+
+    fs._call_s3 = counted
+    assert folder_exists(fs, f"{s3_bucket}/many") and folder_exists(fs, f"{s3_bucket}/many/")
+    assert folder_exists(fs, s3_bucket)
+    assert not folder_exists(fs, f"{s3_bucket}/nothing") and not folder_exists(fs, "no-such-bucket-here/x")
+    assert calls == [("list_objects_v2", 1)] * 5
+    calls.clear()
+    assert fs.isdir(f"{s3_bucket}/many")  # what it replaces: s3fs pages through the whole prefix first
+    assert len(calls) >= 2
+    (tmp_path / "f.jpg").write_bytes(b"x")
+    local, _ = filesystem_for(str(tmp_path))
+    assert folder_exists(local, str(tmp_path)) and not folder_exists(local, str(tmp_path / "f.jpg"))
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
