@@ -13,8 +13,8 @@ written the way the job writes them.
 3. Manifest: rows/s and peak memory of the job's manifest stage (parts -> key ranges -> minus done)
    on a Parquet manifest of M rows.
 
-    python benchmarks/bench_resume.py --completed 100000 1000000 10000000 25000000 \\
-        --listing-keys 1000000 10000000 --manifest-rows 1000000 10000000
+    python benchmarks/bench_resume.py --completed 100000 1000000 --index-only 10000000 25000000 \\
+        --listing-keys 1000000 --manifest-rows 1000000 10000000
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from synthetic_s3 import KEY_FORMAT, SyntheticS3  # noqa: E402
 from coco import DETECTIONS_SCHEMA  # noqa: E402
 
 BUCKET = "bench"
-ROWS_PER_FILE = 500_000
+ROWS_PER_FILE = 10_000  # done rows per output file: the job writes --rows-per-file (default 1000) or more
 NO_DETECTIONS = pa.array([], DETECTIONS_SCHEMA.field("detections").type.value_type)
 
 
@@ -184,6 +185,25 @@ def bench_resume(args: argparse.Namespace, base: Path, env: dict) -> None:
         )
 
 
+def bench_indexing(args: argparse.Namespace, base: Path) -> None:
+    print(
+        "\n| completed rows K (indexing only) | write K rows (s) | index K once (s) | peak MiB | index on disk (MiB) |"
+    )
+    print("|---|---|---|---|---|")
+    for completed in args.index_only:
+        output = base / f"index-{completed}"
+        started = time.perf_counter()
+        write_completed(output, completed)
+        written = time.perf_counter() - started
+        index_s, index_mib = measure_indexing(output)
+        index_bytes = sum(p.stat().st_size for p in (output / "_index").rglob("*") if p.is_file())
+        print(
+            f"| {completed:,} | {written:.0f} | {index_s:.1f} | {index_mib:.0f} | {index_bytes / 2**20:.0f} |",
+            flush=True,
+        )
+        shutil.rmtree(output)
+
+
 def bench_listing(args: argparse.Namespace, env: dict) -> None:
     import ray
 
@@ -283,6 +303,13 @@ def bench_manifest(args: argparse.Namespace, base: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--completed", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument(
+        "--index-only",
+        type=int,
+        nargs="*",
+        default=[],
+        help="completed rows K for which only the indexing is measured (no run: its listing of K keys takes long)",
+    )
     parser.add_argument("--new", type=int, default=20, help="new images per resume run")
     parser.add_argument("--listing-keys", type=int, nargs="*", default=[1_000_000])
     parser.add_argument("--manifest-rows", type=int, nargs="*", default=[1_000_000])
@@ -296,6 +323,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
         if args.completed:
             bench_resume(args, Path(folder), env)
+        if args.index_only:
+            bench_indexing(args, Path(folder))
         if args.listing_keys:
             bench_listing(args, env)
         if args.manifest_rows:

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from coco import DETECTIONS_SCHEMA, RETRYABLE_ERROR_PREFIX
 from coco.detection_table import COMPLETION_MARKER as MARKER
-from jobs.annotate.done_index import MAX_SEGMENTS, DoneIndex, Segment
+from jobs.annotate.done_index import CHUNK_ROWS, MAX_SEGMENTS, DoneIndex, Segment
 from jobs.annotate.listing import ImageSourceError
 from storage import create_exclusive, filesystem_for, is_local, iter_folder, one_line
 
@@ -159,13 +159,17 @@ class OutputFolder:
         used: list[str] = []  # filled while build() consumes done_uris(), read by it at the end
 
         def done_uris() -> Iterator[pa.Array]:
-            with ThreadPoolExecutor(READ_THREADS) as pool:
-                for start in range(0, len(paths), READ_THREADS * 4):  # bounded: a window at a time
-                    window = paths[start : start + READ_THREADS * 4]
+            start, size = 0, 1  # files read at once: sized from the last window's rows, so that a
+            with ThreadPoolExecutor(READ_THREADS) as pool:  # window holds ~CHUNK_ROWS whatever the files hold
+                while start < len(paths):
+                    window = paths[start : start + size]
+                    start, rows = start + len(window), 0
                     for path, uris in zip(window, pool.map(self._done_uris_of, window)):
                         if uris is not None:
                             used.append(os.path.basename(path))
+                            rows += len(uris)
                             yield uris
+                    size = max(1, min(READ_THREADS * 4, len(window) * CHUNK_ROWS // max(rows, 1)))
 
         return self.index.build(done_uris(), used)
 
