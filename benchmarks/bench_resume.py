@@ -130,8 +130,9 @@ def measure_indexing(output: Path) -> tuple[float, float]:
     return float(seconds), float(peak)
 
 
-def measure_run(output: Path, endpoint: str, weights: str, new: int, env: dict) -> dict:
-    """One annotate run over the synthetic bucket: first image, wall time, peak memory per process."""
+def measure_run(output: Path, endpoint: str, weights: str, new: int, env: dict, source: str | None = None) -> dict:
+    """One annotate run over the synthetic bucket (or ``source``, a manifest of its keys): first image,
+    wall time, peak memory per process."""
     before = set(output.glob("annotations-*.parquet"))
     # The job in a wrapper that reports its own peak memory (the driver's) on exit.
     wrapper = (
@@ -140,7 +141,7 @@ def measure_run(output: Path, endpoint: str, weights: str, new: int, env: dict) 
         "finally:\n    print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)"
     )
     command = [
-        sys.executable, "-c", wrapper, f"s3://{BUCKET}/images", str(output), "--weights", weights,
+        sys.executable, "-c", wrapper, source or f"s3://{BUCKET}/images", str(output), "--weights", weights,
         "--min-size", "64", "--max-size", "96", "--threshold", "0.5", "--rows-per-file", "1", "--limit", str(new),
         "--cpus-per-actor", "1",
     ]  # fmt: skip
@@ -183,6 +184,40 @@ def bench_resume(args: argparse.Namespace, base: Path, env: dict) -> None:
             f"| {run['driver_peak_mib']:.0f} | {run['worker_peak_mib']:.0f} |",
             flush=True,
         )
+
+
+def write_manifest(path: Path, count: int) -> None:
+    """A Parquet manifest of the bucket's first ``count`` keys, in row groups of a million."""
+    with pq.ParquetWriter(path, pa.schema([("uri", pa.string())])) as writer:
+        for start in range(0, count, 1_000_000):
+            stop = min(count, start + 1_000_000)
+            writer.write_table(pa.table({"uri": [f"s3://{BUCKET}/{KEY_FORMAT.format(i)}" for i in range(start, stop)]}))
+
+
+def bench_resume_manifest(args: argparse.Namespace, base: Path, env: dict) -> None:
+    """The resume runs with a manifest as INPUT: reading it is parallel and fast, so the run's time shows
+    what resuming over K done rows costs, not how long listing K keys takes."""
+    from checkpoints import write_tiny_checkpoint
+
+    weights = write_tiny_checkpoint(str(base / "tiny.pth"))
+    print("\n| completed rows K (manifest of K + new) | index K once (s, peak MiB) | first image (s) | run wall (s) "
+          "| driver peak MiB | largest Ray process peak MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for completed in args.manifest_completed:
+        output = base / f"out-manifest-{completed}"
+        write_completed(output, completed)
+        manifest = base / f"manifest-{completed}.parquet"
+        write_manifest(manifest, completed + args.new)
+        index_s, index_mib = measure_indexing(output)
+        with SyntheticS3(BUCKET, completed + args.new, args.delay) as endpoint:
+            run = measure_run(output, endpoint, weights, args.new, dict(env, AWS_ENDPOINT_URL=endpoint), str(manifest))
+        print(
+            f"| {completed:,} | {index_s:.1f} s, {index_mib:.0f} | {run['first_image_s']:.1f} | {run['wall_s']:.1f} "
+            f"| {run['driver_peak_mib']:.0f} | {run['worker_peak_mib']:.0f} |",
+            flush=True,
+        )
+        shutil.rmtree(output)
+        manifest.unlink()
 
 
 def bench_indexing(args: argparse.Namespace, base: Path) -> None:
@@ -310,6 +345,13 @@ def main() -> None:
         default=[],
         help="completed rows K for which only the indexing is measured (no run: its listing of K keys takes long)",
     )
+    parser.add_argument(
+        "--manifest-completed",
+        type=int,
+        nargs="*",
+        default=[],
+        help="completed rows K for resume runs whose INPUT is a Parquet manifest of the K + NEW keys",
+    )
     parser.add_argument("--new", type=int, default=20, help="new images per resume run")
     parser.add_argument("--listing-keys", type=int, nargs="*", default=[1_000_000])
     parser.add_argument("--manifest-rows", type=int, nargs="*", default=[1_000_000])
@@ -323,6 +365,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
         if args.completed:
             bench_resume(args, Path(folder), env)
+        if args.manifest_completed:
+            bench_resume_manifest(args, Path(folder), env)
         if args.index_only:
             bench_indexing(args, Path(folder))
         if args.listing_keys:
