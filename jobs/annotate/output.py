@@ -213,6 +213,7 @@ class OutputFolder:
             "detections": summary.detections,
             "skipped": summary.skipped,
             "seconds": round(summary.seconds, 3),
+            "startup_seconds": None if summary.startup_seconds is None else round(summary.startup_seconds, 3),
             "model": model,
             "arguments": arguments,
         }

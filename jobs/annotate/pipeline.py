@@ -21,6 +21,7 @@ Ray and its in-flight batches are retried.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 import uuid
@@ -77,6 +78,7 @@ ACTOR_TASK_RETRIES = 3
 # Listing streams running at once, each in a worker of its own (~10^4 keys/s each on S3): each
 # holds a page and one index part per segment.
 LISTING_CONCURRENCY = 8
+DECODE_NICENESS = 10  # decode tasks' priority below the model actor's (benchmarks/RESULTS.md)
 
 
 class BadImageError(JobFailedError):
@@ -269,7 +271,20 @@ def build_dataset(
 def _prepare_block(batch: pa.Table, **settings) -> pa.Table:
     """The decode task: :func:`prepare_images`, with the decoder isolated when Ray retries the
     task (its worker died, maybe of a decoder crash on one of these objects)."""
+    _yield_to_the_model()
     return prepare_images(batch, isolate_decoder=_task_attempt() > 0, **settings)
+
+
+def _yield_to_the_model() -> None:
+    """Lower this worker's CPU priority, once: where decode tasks share cores with the model's
+    threads, the model should not wait on them (decoded images queue ahead of it anyway)."""
+    global _NICED
+    if not _NICED and hasattr(os, "nice"):
+        os.nice(DECODE_NICENESS)
+        _NICED = True
+
+
+_NICED = False
 
 
 def _task_attempt() -> int:

@@ -150,5 +150,6 @@ def test_marker_is_written_at_the_end_and_cleared_at_the_start(output):
     output.write_marker(summary, "detr-r50@abc", {"input": "s3://b/in"})
     marker = output.fs.cat_file(f"{output.root}/_SUCCESS.json").decode()
     assert '"retryable_errors": 1' in marker and '"model": "detr-r50@abc"' in marker
+    assert '"startup_seconds": null' in marker  # no batch was annotated
     output.clear_marker()
     assert not output.fs.exists(f"{output.root}/_SUCCESS.json")

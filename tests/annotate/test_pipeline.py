@@ -297,12 +297,19 @@ def test_defaults_annotate_the_sample_images_then_render_and_export(
 ):
     monkeypatch.chdir(tmp_path)
     first = main(parse_config(["--weights", tiny_checkpoint, *SMALL, "--limit", "2"]))
+    started = time.time()
     summary = main(parse_config(["--weights", tiny_checkpoint, *SMALL, "--render", "2", str(tmp_path / "render")]))
+    wall = time.time() - started
     samples = sorted((SAMPLE_IMAGES).glob("*.jpg"))
     assert 3 <= len(samples) <= 6
     table = read_output(str(tmp_path / "detr-ray-output"))  # the default OUTPUT, relative to the cwd
     assert sorted(table.column("uri").to_pylist()) == [f"file://{p}" for p in samples]
     assert (first.images, summary.skipped, summary.images, summary.errors) == (2, 2, len(samples) - 2, 0)
+    # Start-up, from the job's start to its first annotated batch: before the run's end, and said.
+    assert 0 < summary.startup_seconds < wall
+    assert f"first image after {summary.startup_seconds:.1f} s" in summary.summary()
+    marker = json.loads((tmp_path / "detr-ray-output" / "_SUCCESS.json").read_text())
+    assert marker["startup_seconds"] == round(summary.startup_seconds, 3)
     pngs = sorted((tmp_path / "render").glob("*.png"))
     assert len(pngs) == 2
     sizes = {(r["width"], r["height"]) for r in table.to_pylist()}
