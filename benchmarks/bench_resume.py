@@ -166,26 +166,6 @@ def measure_run(output: Path, endpoint: str, weights: str, new: int, env: dict, 
     }
 
 
-def bench_resume(args: argparse.Namespace, base: Path, env: dict) -> None:
-    from checkpoints import write_tiny_checkpoint
-
-    weights = write_tiny_checkpoint(str(base / "tiny.pth"))
-    print("| completed rows K | index K once (s, peak MiB) | first image (s) | run wall (s) | driver peak MiB "
-          "| largest Ray process peak MiB |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    for completed in args.completed:
-        output = base / f"out-{completed}"
-        write_completed(output, completed)
-        index_s, index_mib = measure_indexing(output)
-        with SyntheticS3(BUCKET, completed + args.new, args.delay) as endpoint:
-            run = measure_run(output, endpoint, weights, args.new, dict(env, AWS_ENDPOINT_URL=endpoint))
-        print(
-            f"| {completed:,} | {index_s:.1f} s, {index_mib:.0f} | {run['first_image_s']:.1f} | {run['wall_s']:.1f} "
-            f"| {run['driver_peak_mib']:.0f} | {run['worker_peak_mib']:.0f} |",
-            flush=True,
-        )
-
-
 def write_manifest(path: Path, count: int) -> None:
     """A Parquet manifest of the bucket's first ``count`` keys, in row groups of a million."""
     with pq.ParquetWriter(path, pa.schema([("uri", pa.string())])) as writer:
@@ -194,30 +174,36 @@ def write_manifest(path: Path, count: int) -> None:
             writer.write_table(pa.table({"uri": [f"s3://{BUCKET}/{KEY_FORMAT.format(i)}" for i in range(start, stop)]}))
 
 
-def bench_resume_manifest(args: argparse.Namespace, base: Path, env: dict) -> None:
-    """The resume runs with a manifest as INPUT: reading it is parallel and fast, so the run's time shows
-    what resuming over K done rows costs, not how long listing K keys takes."""
+def bench_resume(args: argparse.Namespace, base: Path, env: dict, *, manifest: bool = False) -> None:
+    """Resume runs over K done rows. INPUT is the bucket's prefix, or with ``manifest`` a Parquet manifest
+    of its K + NEW keys: reading that is parallel and fast, so the run's time shows what resuming over K
+    done rows costs, not how long listing K keys takes."""
     from checkpoints import write_tiny_checkpoint
 
     weights = write_tiny_checkpoint(str(base / "tiny.pth"))
-    print("\n| completed rows K (manifest of K + new) | index K once (s, peak MiB) | first image (s) | run wall (s) "
-          "| driver peak MiB | largest Ray process peak MiB |")  # fmt: skip
+    title = "completed rows K (manifest of K + new)" if manifest else "completed rows K"
+    print(f"\n| {title} | index K once (s, peak MiB) | first image (s) | run wall (s) | driver peak MiB "
+          "| largest Ray process peak MiB |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    for completed in args.manifest_completed:
-        output = base / f"out-manifest-{completed}"
+    for completed in args.manifest_completed if manifest else args.completed:
+        output = base / f"out-{completed}"
         write_completed(output, completed)
-        manifest = base / f"manifest-{completed}.parquet"
-        write_manifest(manifest, completed + args.new)
+        source = None
+        if manifest:
+            source = base / f"manifest-{completed}.parquet"
+            write_manifest(source, completed + args.new)
         index_s, index_mib = measure_indexing(output)
         with SyntheticS3(BUCKET, completed + args.new, args.delay) as endpoint:
-            run = measure_run(output, endpoint, weights, args.new, dict(env, AWS_ENDPOINT_URL=endpoint), str(manifest))
+            env_run = dict(env, AWS_ENDPOINT_URL=endpoint)
+            run = measure_run(output, endpoint, weights, args.new, env_run, str(source) if source else None)
         print(
             f"| {completed:,} | {index_s:.1f} s, {index_mib:.0f} | {run['first_image_s']:.1f} | {run['wall_s']:.1f} "
             f"| {run['driver_peak_mib']:.0f} | {run['worker_peak_mib']:.0f} |",
             flush=True,
         )
         shutil.rmtree(output)
-        manifest.unlink()
+        if source is not None:
+            source.unlink()
 
 
 def bench_indexing(args: argparse.Namespace, base: Path) -> None:
@@ -302,13 +288,7 @@ def bench_manifest(args: argparse.Namespace, base: Path) -> None:
     print("|---|---|---|---|")
     for count in args.manifest_rows:
         manifest = base / f"manifest-{count}.parquet"
-        writer = pq.ParquetWriter(manifest, pa.schema([("uri", pa.string())]))
-        for start in range(0, count, 1_000_000):
-            n = min(1_000_000, count - start)
-            writer.write_table(
-                pa.table({"uri": [f"s3://{BUCKET}/{KEY_FORMAT.format(i)}" for i in range(start, start + n)]})
-            )
-        writer.close()
+        write_manifest(manifest, count)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # fmt: skip
         try:
@@ -366,7 +346,7 @@ def main() -> None:
         if args.completed:
             bench_resume(args, Path(folder), env)
         if args.manifest_completed:
-            bench_resume_manifest(args, Path(folder), env)
+            bench_resume(args, Path(folder), env, manifest=True)
         if args.index_only:
             bench_indexing(args, Path(folder))
         if args.listing_keys:
