@@ -21,7 +21,7 @@ import posixpath
 import fsspec
 import pyarrow as pa
 
-from storage import filesystem_for, redact
+from storage import filesystem_for, folder_exists, redact
 
 DETECTION_TYPE = pa.struct(
     [
@@ -67,7 +67,7 @@ def incomplete_warning(uri: str) -> str | None:
     a finished run leaves (the run is still going, or was killed), else None."""
     fs, root = filesystem_for(uri)
     root = root.rstrip("/")
-    if not fs.isdir(root) or fs.exists(f"{root}/{COMPLETION_MARKER}"):
+    if not folder_exists(fs, root) or fs.exists(f"{root}/{COMPLETION_MARKER}"):
         return None
     if not any(posixpath.basename(p).startswith("annotations-") for p in table_files(fs, root)):
         return None  # not the annotate job's output: nothing to say

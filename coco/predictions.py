@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from storage import StorageError, filesystem_for, one_line
+from storage import StorageError, filesystem_for, folder_exists, one_line
 
 from .annotations import CocoFormatError, CocoInstances, read_json
 from .boxes import xyxy_to_xywh
@@ -90,7 +90,7 @@ def load_predictions(uri: str, ground_truth: CocoInstances) -> Predictions:
     """
     try:
         filesystem, path = filesystem_for(uri)
-        is_directory = filesystem.isdir(path)
+        is_directory = folder_exists(filesystem, path)
         exists = is_directory or filesystem.isfile(path)
     except StorageError as error:
         raise CocoFormatError(str(error)) from None

@@ -40,7 +40,7 @@ from coco import DETECTIONS_SCHEMA, RETRYABLE_ERROR_PREFIX
 from coco.detection_table import COMPLETION_MARKER as MARKER
 from jobs.annotate.done_index import CHUNK_ROWS, MAX_SEGMENTS, DoneIndex, Segment
 from jobs.annotate.listing import ImageSourceError
-from storage import create_exclusive, filesystem_for, is_local, iter_folder, one_line
+from storage import create_exclusive, filesystem_for, folder_exists, is_local, iter_folder, one_line
 
 FILE_PREFIX = "annotations-"
 OUTPUT_FILE_PATTERN = re.compile(r"^annotations-(?P<run>[0-9A-Za-z]+)-.*\.parquet$")
@@ -103,7 +103,7 @@ class OutputFolder:
 
     def prepare(self) -> None:
         """Create OUTPUT if needed; refuse a file in its place."""
-        if self.fs.exists(self.root) and not self.fs.isdir(self.root):
+        if not folder_exists(self.fs, self.root) and self.fs.isfile(self.root):
             raise ImageSourceError(f"{self.uri}: exists and is not a folder")
         if is_local(self.fs):
             self.fs.makedirs(self.root, exist_ok=True)

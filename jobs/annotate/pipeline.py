@@ -276,15 +276,10 @@ def _prepare_block(batch: pa.Table, **settings) -> pa.Table:
 
 
 def _yield_to_the_model() -> None:
-    """Lower this worker's CPU priority, once: where decode tasks share cores with the model's
-    threads, the model should not wait on them (decoded images queue ahead of it anyway)."""
-    global _NICED
-    if not _NICED and hasattr(os, "nice"):
-        os.nice(DECODE_NICENESS)
-        _NICED = True
-
-
-_NICED = False
+    """Lower this worker's CPU priority to DECODE_NICENESS: where decode tasks share cores with the
+    model's threads, the model should not wait on them (decoded images queue ahead of it anyway)."""
+    if hasattr(os, "nice") and os.nice(0) < DECODE_NICENESS:
+        os.nice(DECODE_NICENESS - os.nice(0))
 
 
 def _task_attempt() -> int:

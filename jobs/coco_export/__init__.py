@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from coco import CocoFormatError, match_uris_to_images, read_instances, xyxy_to_xywh
 from coco.detection_table import incomplete_warning, table_files
 from jobs import cli
-from storage import filesystem_for
+from storage import filesystem_for, folder_exists
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def export_coco_results(output_uri: str, annotations_uri: str, results_uri: str)
     """Write the detections under ``output_uri`` as a COCO results JSON at ``results_uri``."""
     instances = read_instances(annotations_uri)
     fs, root = filesystem_for(output_uri)
-    files = table_files(fs, root) if fs.isdir(root) else []
+    files = table_files(fs, root) if folder_exists(fs, root) else []
     if not files:
         raise CocoFormatError(f"{output_uri}: no Parquet files")
     uri_of_image: dict[int, str] = {}

@@ -16,6 +16,7 @@ import pytest
 import jobs.annotate.output as output_module
 from coco import DETECTIONS_SCHEMA, RETRYABLE_ERROR_PREFIX
 from jobs.annotate.done_index import DoneCursor
+from jobs.annotate.listing import ImageSourceError
 from jobs.annotate.output import OutputFolder, OutputInUseError, Summary
 
 
@@ -143,6 +144,14 @@ def test_a_killed_runs_lease_is_taken_over(output):
     killed_run_lease(output, 6, "elsewhere", 1, time.time() - 1)
     with output.lease("after-expiry"):
         pass
+
+
+def test_output_in_the_place_of_a_file_is_refused(output):
+    output.fs.pipe_file(f"{output.root}/taken", b"x")
+    with pytest.raises(ImageSourceError, match="taken: exists and is not a folder"):
+        OutputFolder(f"{output.uri}/taken").prepare()
+    OutputFolder(f"{output.uri}/fresh").prepare()  # a folder yet to be made is fine
+    OutputFolder(output.uri).prepare()  # and so is one with files in it
 
 
 def test_marker_is_written_at_the_end_and_cleared_at_the_start(output):

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 
 from coco import CocoFormatError, load_predictions, match_uris_to_images, parse_instances, xyxy_to_xywh
 
@@ -124,6 +125,17 @@ def test_single_parquet_file_and_duplicate_rows(tmp_path: Path) -> None:
     write(tmp_path / "two-uris" / "p.parquet", [row("s3://one/c.jpg", []), row("s3://two/c.jpg", [])])
     with pytest.raises(CocoFormatError, match="both match ground-truth image id 3"):
         load_predictions(str(tmp_path / "two-uris"), GROUND_TRUTH)
+
+
+def test_parquet_folder_file_and_missing_uri_on_s3(s3_bucket) -> None:
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    table = pa.Table.from_pylist([row("s3://b/a.jpg", [det(7, 0.5, [1, 2, 4, 8])])], schema=SCHEMA)
+    with fs.open(f"{s3_bucket}/detections/run/part-1.parquet", "wb") as stream:
+        pq.write_table(table, stream)
+    for uri in (f"s3://{s3_bucket}/detections", f"s3://{s3_bucket}/detections/run/part-1.parquet"):
+        assert load_predictions(uri, GROUND_TRUTH).counts.detections_kept == 1
+    with pytest.raises(CocoFormatError, match="detection: no such file or directory"):
+        load_predictions(f"s3://{s3_bucket}/detection", GROUND_TRUTH)  # a prefix of a folder's name is not it
 
 
 def test_parquet_without_annotate_columns_is_an_error(tmp_path: Path) -> None:
