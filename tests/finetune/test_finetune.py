@@ -252,13 +252,19 @@ def test_killed_worker_resumes_mid_epoch_from_object_storage(ray_cluster, s3_buc
     snapshot = f"{s3_bucket}/run/checkpoints/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
     deadline = time.monotonic() + 240
     registered: list[int] = []
+    workers: list[dict] = []
+    # The workers are looked up first (the state API lists every actor of the session: seconds, late in a
+    # suite), so that the kill follows the first registered checkpoint at once.
     while not registered:  # the snapshot lists a checkpoint once the controller has registered it
         assert job.is_alive() and time.monotonic() < deadline, "the run ended before a worker could be killed"
+        if not workers:
+            workers = _alive_train_workers()
+            continue
         fs.invalidate_cache()
         if fs.exists(snapshot):
             registered = [int(s) for s in re.findall(r"epoch_0000_step_(\d+)", fs.cat(snapshot).decode())]
         time.sleep(0.05)
-    victim = _alive_train_workers()[0]
+    victim = workers[0]
     os.kill(victim["Pid"], signal.SIGKILL)
     job.join(timeout=300)
 
