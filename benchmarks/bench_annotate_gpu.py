@@ -18,7 +18,7 @@ and GPU batch size by default. Each figure in images per second, for each photo 
 2. Detector, prepared: the job's model stage (``jobs.annotate.detector.Detector``) on prepared
    batches (``PREPARED_SCHEMA``) decoded beforehand: Arrow to tensors, normalize and pad on the
    host in float32, pinned copy, model, post-processing, rows. "uint8 upload" is the same with
-   ``detr.preprocess.collate_on``: uint8 copied to the device, normalized there.
+   ``detr.preprocessing.collate_on``: uint8 copied to the device, normalized there.
 3. pipeline: ``prepare_images`` (the job's CPU stage: read, decode, resize) in --workers processes,
    each batch handed over as an Arrow IPC file in shared memory (read without a copy, as an actor
    reads a block from Ray's object store), feeding the Detector in this process; timed from the
@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
 import detr  # noqa: E402
-from detr.preprocess import collate_on  # noqa: E402
+from detr.preprocessing import collate_on  # noqa: E402
 from jobs.annotate.decoding import prepare_images  # noqa: E402
 from jobs.annotate.detector import Detector, DetectorConfig, aspect_groups  # noqa: E402
 from jobs.annotate.settings import CPU_BATCH_SIZE, GPU_BATCH_SIZE  # noqa: E402

@@ -36,7 +36,7 @@ from .config import DetrConfig
 from .download import local_path
 from .errors import one_line, redact, scrub
 from .model import DETR
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, MAX_SIZE, MIN_SIZE
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, MAX_SIZE, MIN_SIZE
 from .weights import identified_by_sha256, registered
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")

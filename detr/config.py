@@ -1,4 +1,4 @@
-"""The typed configuration of a DETR model. Builders take it explicitly; nothing mutates it."""
+"""The typed configuration of a DETR model, and its input size. Builders take it explicitly; nothing mutates it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+MIN_SIZE = 800  # DETR's evaluation scale: shortest side
+MAX_SIZE = 1333  # ... unless that makes the longest side exceed this
 
 
 @dataclass(frozen=True)

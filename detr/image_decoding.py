@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import one_line
-from .preprocess import resize_to, resized_shape
+from .preprocessing import resize_to, resized_shape
 
 # PIL's own default limit (~89.5 megapixels, ~256 MiB of RGB): beyond it, a small file that
 # claims huge dimensions would make a decode worker allocate gigabytes.

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from .categories import COCO_CATEGORIES, Category
-from .config import DetrConfig
-from .preprocess import MAX_SIZE, MIN_SIZE
+from .config import MAX_SIZE, MIN_SIZE, DetrConfig
 
 _FB = "https://dl.fbaipublicfiles.com/detr"
 

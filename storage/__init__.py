@@ -6,7 +6,7 @@ This package imports neither torch, Ray nor the model.
 """
 
 from .errors import StorageError, one_line
-from .exclusive import create_exclusive
+from .exclusive import create_exclusive, replace_whole
 from .faults import is_transient
 from .listing import KeyRange, folder_exists, iter_folder, iter_sorted, split_ranges
 from .objects import (
@@ -30,6 +30,7 @@ __all__ = [
     "arrow_filesystem",
     "carries_secret",
     "create_exclusive",
+    "replace_whole",
     "filesystem_for",
     "folder_exists",
     "is_local",

@@ -1,5 +1,4 @@
-import sys
-
 from jobs.annotate import run
+from jobs.cli import exit_process
 
-sys.exit(run())
+exit_process(run())

@@ -53,6 +53,9 @@ DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MANIFEST_SUFFIXES = (".txt", ".parquet", "manifest.json")
 LISTING_PAGE = 1000  # URIs per yielded table: S3's page size
 FOLDER_RANGES = 32  # parallel listing streams for one prefix: ~3x10^5 keys/s on S3
+# Below this many keys a prefix is one range: one stream lists it in about a second, while cutting it
+# costs up to thousands of probe requests, and each range a task (a worker process to start).
+SPLIT_MIN_KEYS = 10 * LISTING_PAGE
 MANIFEST_PART_ROWS = 1 << 18  # manifest entries read by one task
 TEXT_PART_BYTES = 32 << 20
 LISTED_SCHEMA = pa.schema(
@@ -119,7 +122,7 @@ def plan_listing(uri: str, manifest_column: str = "uri") -> tuple[list[ListingPa
     (empty for a folder: its parts are key ranges already)."""
     if not is_manifest(uri):
         fs, root = filesystem_for(uri)
-        return [ListingPart("folder", uri, r) for r in split_ranges(fs, root, FOLDER_RANGES)], []
+        return [ListingPart("folder", uri, r) for r in split_ranges(fs, root, FOLDER_RANGES, SPLIT_MIN_KEYS)], []
     if uri.lower().endswith("manifest.json"):
         files = _inventory_files(uri)
         return _plan_parquet(files, None), []

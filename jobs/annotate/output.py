@@ -40,7 +40,7 @@ from coco import DETECTIONS_SCHEMA, RETRYABLE_ERROR_PREFIX
 from coco.detection_table import COMPLETION_MARKER as MARKER
 from jobs.annotate.done_index import CHUNK_ROWS, MAX_SEGMENTS, DoneIndex, Segment
 from jobs.annotate.listing import ImageSourceError
-from storage import create_exclusive, filesystem_for, folder_exists, is_local, iter_folder, one_line
+from storage import create_exclusive, filesystem_for, folder_exists, is_local, iter_folder, one_line, replace_whole
 
 FILE_PREFIX = "annotations-"
 OUTPUT_FILE_PATTERN = re.compile(r"^annotations-(?P<run>[0-9A-Za-z]+)-.*\.parquet$")
@@ -290,7 +290,7 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_SECONDS):
-            self.fs.pipe_file(self.path, self._document())
+            replace_whole(self.fs, self.path, self._document())  # read whole by runs that try to take it
 
     def _document(self) -> bytes:
         return json.dumps(

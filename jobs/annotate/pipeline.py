@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import detr
 from coco import DETECTIONS_SCHEMA
 from detr.image_decoding import ImageDecodeError
+from jobs.annotate import ray_start
 from jobs.annotate.actor_plan import ActorPlan, plan_actors
 from jobs.annotate.decoding import prepare_images
 from jobs.annotate.detector import Detector, DetectorConfig
@@ -78,15 +79,21 @@ ACTOR_TASK_RETRIES = 3
 # Listing streams running at once, each in a worker of its own (~10^4 keys/s each on S3): each
 # holds a page and one index part per segment.
 LISTING_CONCURRENCY = 8
-DECODE_NICENESS = 10  # decode tasks' priority below the model actor's (benchmarks/RESULTS.md)
+# Decode tasks' CPU priority: the lowest. Ray starts every worker, the model actor's included, at
+# nice 15 (its worker_niceness), so anything less would not rank decoding below the model.
+DECODE_NICENESS = 19
 
 
 class BadImageError(JobFailedError):
     """``--fail-on-error`` stopped the job at an image that could not be annotated."""
 
 
-def main(config: AnnotateConfig) -> Summary:
+def main(config: AnnotateConfig, *, started: float | None = None) -> Summary:
     """Run the job; returns what it did.
+
+    Args:
+        started: when the job was launched (``time.time()``), what the start-up figure counts
+            from; default: now.
 
     Raises:
         UserError subclasses (and the model's and storage's errors) for unusable arguments,
@@ -94,7 +101,7 @@ def main(config: AnnotateConfig) -> Summary:
     """
     import ray
 
-    job_started = time.time()
+    job_started = time.time() if started is None else started
     check_input(config.input)
     # Check the weights here first: a missing file, failed download or wrong checkpoint is one
     # clear error now instead of dying actors later, and it fills this node's download cache.
@@ -106,8 +113,7 @@ def main(config: AnnotateConfig) -> Summary:
     with output.lease(run_id):
         segments = output.done_segments()
         output.clear_marker()
-        if not ray.is_initialized():
-            ray.init()  # RAY_ADDRESS (ray job submit) or a fresh local cluster
+        ray_start.connect()
         plan = plan_actors(config, ray.nodes())
         detector = DetectorConfig(
             weights=config.weights,
@@ -152,7 +158,9 @@ def _write(annotated, config: AnnotateConfig, plan: ActorPlan, path: str, filesy
             schema=DETECTIONS_SCHEMA,
             filename_provider=RunFilenames(run_id),
             min_rows_per_file=config.rows_per_file,
-            ray_remote_args={"max_retries": TASK_RETRIES},  # a retried write task rewrites its own file name
+            # A retried write task rewrites its own file name. Writes are small (detections, no pixels):
+            # holding a CPU would queue them behind decoding, results waiting unwritten until the end.
+            ray_remote_args={"max_retries": TASK_RETRIES, "num_cpus": 0},
         )
     except ray.exceptions.GetTimeoutError:
         raise AnnotateError(
@@ -226,7 +234,7 @@ def build_dataset(
         "batch_format": "pyarrow",
         # Listing waits on the network: holding a CPU could starve the decode tasks on small machines.
         "num_cpus": 0,
-        "concurrency": min(LISTING_CONCURRENCY, len(rows)),
+        "compute": ray.data.TaskPoolStrategy(size=min(LISTING_CONCURRENCY, len(rows))),
         "max_retries": TASK_RETRIES,
     }
     if parts[0].kind == "folder":

@@ -1,5 +1,4 @@
-import sys
-
+from jobs.cli import exit_process
 from jobs.finetune import run
 
-sys.exit(run())
+exit_process(run())

@@ -24,7 +24,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
-from detr.preprocess import MAX_SIZE, MIN_SIZE, resized_shape
+from detr.preprocessing import MAX_SIZE, MIN_SIZE, resized_shape
 
 AUGMENTATIONS = ("detr", "scale", "none")
 

@@ -23,7 +23,7 @@ from jobs.annotate.listing import (
     remaining_in_range,
 )
 from jobs.annotate.settings import DEFAULT_EXTENSIONS
-from storage import filesystem_for
+from storage import KeyRange, filesystem_for
 
 
 def s3() -> s3fs.S3FileSystem:
@@ -60,13 +60,21 @@ def test_local_listing_is_recursive_filtered_and_normalized(tmp_path):
     assert folder_uris(f"file://{tmp_path}/", extensions=["png"]) == pngs
 
 
-def test_s3_listing_runs_in_ranges_that_cover_every_key_once(s3_bucket):
+def test_s3_listing_runs_in_ranges_that_cover_every_key_once(s3_bucket, monkeypatch):
+    monkeypatch.setattr(listing, "SPLIT_MIN_KEYS", 1000)  # the default keeps prefixes this small whole
     s3().pipe({f"{s3_bucket}/photos/{i // 100:02d}/{i:05d}.jpg": b"x" for i in range(1050)})
     s3().pipe({f"{s3_bucket}/photos/readme.md": b"x", f"{s3_bucket}/photosynthesis/not-under-prefix.jpg": b"x"})
     parts, _ = plan_listing(f"s3://{s3_bucket}/photos")
     assert len(parts) > 1
     listed = folder_uris(f"s3://{s3_bucket}/photos")
     assert listed == sorted(f"s3://{s3_bucket}/photos/{i // 100:02d}/{i:05d}.jpg" for i in range(1050))
+
+
+def test_a_small_folder_is_listed_by_one_task(tmp_path):
+    for i in range(40):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(b"x")
+    parts, _ = plan_listing(str(tmp_path))
+    assert [p.key_range for p in parts] == [KeyRange()]  # not 40 one-key parts, each a worker to start
 
 
 def test_a_range_lists_from_its_last_done_key_first_and_skips_done_ones(s3_bucket):

@@ -250,7 +250,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_nothing_is_duplicated(
 
 
 def test_killed_actor_is_restarted_and_its_batch_retried(ray_cluster, tmp_path, tiny_checkpoint):
-    expected = _write_folder(tmp_path / "images", 60)
+    expected = _write_folder(tmp_path / "images", 100)  # runs long enough to be killed mid-run late in a suite
     output = tmp_path / "out"
     args = parse_config(
         [
@@ -275,13 +275,20 @@ def test_killed_actor_is_restarted_and_its_batch_retried(ray_cluster, tmp_path, 
         ]
     )
     outcome: dict = {}
+    earlier = {a["ActorID"] for a in _alive_detector_actors()}  # other tests' actors, not reaped yet
     job = threading.Thread(target=lambda: outcome.update(summary=main(args)))
     job.start()
     deadline = time.monotonic() + 180
-    while not (list(output.glob("*.parquet")) and _alive_detector_actors()):
+    # This job's actor first (the state API lists every actor of the session: slow late in a
+    # suite), then its first output file (a cheap glob): the kill follows that file at once, mid-run.
+    new: list[dict] = []
+    while not new:
+        assert job.is_alive() and time.monotonic() < deadline, "job ended before its actor started"
+        new = [a for a in _alive_detector_actors() if a["ActorID"] not in earlier]
+    while not list(output.glob("*.parquet")):
         assert job.is_alive() and time.monotonic() < deadline, "job ended before its actor could be killed"
         time.sleep(0.05)
-    victim = _alive_detector_actors()[0]
+    victim = new[0]
     os.kill(victim["Pid"], signal.SIGKILL)
     job.join(timeout=300)
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import detr
-from detr.preprocess import collate_on
+from detr.preprocessing import collate_on
 
 transformers = pytest.importorskip("transformers")
 from transformers import DetrImageProcessor  # noqa: E402

@@ -15,6 +15,7 @@ from storage import (
     iter_folder,
     iter_sorted,
     redact,
+    replace_whole,
     split_ranges,
 )
 
@@ -93,6 +94,33 @@ def test_ranges_cover_every_key_exactly_once(tmp_path, s3_bucket, where):
     assert split_ranges(fs, path, 1) == [KeyRange()]
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_prefix_under_min_keys_is_one_range_found_with_one_listing(tmp_path, s3_bucket, where):
+    names = [f"{i:06d}.jpg" for i in range(1200)]  # zero padding: four levels of probes before any cut
+    if where == "local":
+        for name in names:
+            (tmp_path / name).write_bytes(b"x")
+        fs, root = filesystem_for(str(tmp_path))
+    else:
+        fs = s3()
+        fs.pipe({f"{s3_bucket}/in/{name}": b"x" for name in names})
+        root = f"{s3_bucket}/in"
+    calls = []
+    if where == "s3":
+        call_s3 = fs._call_s3
+
+        async def counted(method, *args, **kwargs):  # the real request, counted
+            calls.append(kwargs.get("MaxKeys"))
+            return await call_s3(method, *args, **kwargs)
+
+        fs._call_s3 = counted
+    assert split_ranges(fs, root, 8, min_keys=1201) == [KeyRange()]
+    assert calls == ([] if where == "local" else [1000, 1000])  # two pages, no probes
+    calls.clear()
+    assert len(split_ranges(fs, root, 8, min_keys=1200)) > 1  # as many keys as min_keys: cut
+    assert where == "local" or len(calls) > 2  # listed a page, then probed
+
+
 def test_listing_a_range_starts_and_stops_where_asked(s3_bucket, tmp_path):
     s3().pipe({f"{s3_bucket}/in/{i:03d}.jpg": b"x" for i in range(30)})
     for root, prefix in ((f"s3://{s3_bucket}/in", f"{s3_bucket}/in"), (local_tree(tmp_path), str(tmp_path))):
@@ -162,6 +190,28 @@ def test_exclusive_create_has_one_winner(tmp_path, s3_bucket, where):
         thread.join()
     assert sorted(wins) == [False] * 7 + [True]
     assert create_exclusive(fs, path, b"again") is False
+
+
+def test_readers_never_see_a_document_half_written(tmp_path):
+    fs, path = filesystem_for(str(tmp_path / "lease" / "00000001.json"))
+    document = b'{"run_id": "' + b"x" * 4000 + b'"}'
+    assert create_exclusive(fs, path, document)
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append(fs.cat_file(path))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for _ in range(300):
+        replace_whole(fs, path, document)
+        assert not create_exclusive(fs, path, b"another run")
+    stop.set()
+    reader.join()
+    assert seen and set(seen) == {document}  # (an open-truncate-write shows readers empty files)
+    assert sorted(p.name for p in (tmp_path / "lease").iterdir()) == ["00000001.json"]  # no temporaries left
 
 
 def test_redaction_strips_url_secrets_only():

@@ -15,10 +15,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
 
+from .config import MAX_SIZE, MIN_SIZE
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MIN_SIZE = 800  # DETR's evaluation scale: shortest side
-MAX_SIZE = 1333  # ... unless that makes the longest side exceed this
 
 ImageLike = np.ndarray | Image.Image | Tensor
 
