@@ -82,10 +82,11 @@ def exit_process(status: int) -> NoReturn:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The error bases that mean "fix your input": ours, and those of the library layers, which
-    cannot import this module. The model's are included only once it is imported (scoring never
-    imports torch), which is also the only way they can have been raised."""
+    cannot import this module. The model's are included only once their module is imported
+    (scoring never imports torch; a download error comes before torch), which is also the only
+    way they can have been raised."""
     errors: list[type[Exception]] = [UserError, StorageError, CocoFormatError]
-    if "detr" in sys.modules:
-        model = sys.modules["detr"]
-        errors += [model.CheckpointError, model.WeightsUnavailableError]
+    for module, name in (("detr.checkpoint", "CheckpointError"), ("detr.download", "WeightsUnavailableError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
