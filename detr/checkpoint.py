@@ -32,11 +32,11 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from .categories import COCO_CATEGORIES, Category, categories_from_list, categories_to_list
-from .config import DetrConfig
+from .config import MAX_SIZE, MIN_SIZE, DetrConfig
 from .download import local_path
 from .errors import one_line, redact, scrub
 from .model import DETR
-from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, MAX_SIZE, MIN_SIZE
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .weights import identified_by_sha256, registered
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")

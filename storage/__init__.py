@@ -30,7 +30,6 @@ __all__ = [
     "arrow_filesystem",
     "carries_secret",
     "create_exclusive",
-    "replace_whole",
     "filesystem_for",
     "folder_exists",
     "is_local",
@@ -42,6 +41,7 @@ __all__ = [
     "read_bytes",
     "read_objects",
     "redact",
+    "replace_whole",
     "split_ranges",
     "write_bytes",
 ]

@@ -24,7 +24,8 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
-from detr.preprocessing import MAX_SIZE, MIN_SIZE, resized_shape
+from detr.config import MAX_SIZE, MIN_SIZE
+from detr.preprocessing import resized_shape
 
 AUGMENTATIONS = ("detr", "scale", "none")
 
