@@ -60,7 +60,7 @@ from jobs.annotate.settings import CPU_BATCH_SIZE  # noqa: E402
 COCO_VAL = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
 # The decode and write tasks' workers, as process_kind names them: by the task they ran at the last
 # sample, or idle between tasks (a worker runs either kind of task).
-DECODE_PROCESSES = ("_prepare_block", "ray::Write", "ray::IDLE")
+DECODE_PROCESSES = ("decode_block", "ray::Write", "ray::IDLE")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ _EXPORTS = {
     "builder": ("build", "build_criterion"),
     "categories": ("COCO_CATEGORIES", "Category"),
     "checkpoint": ("CheckpointError", "check_weights", "from_pretrained", "save_pretrained"),
-    "config": ("MAX_SIZE", "MIN_SIZE", "DetrConfig", "LossConfig"),
+    "config": ("MAX_SIZE", "MIN_SIZE", "PRECISIONS", "DetrConfig", "LossConfig"),
     "criterion": ("SetCriterion",),
     "download": ("WeightsUnavailableError",),
     "image_decoding": ("ImageDecodeError", "decode_image", "decode_resized"),
@@ -32,7 +32,7 @@ _EXPORTS = {
     "matcher": ("HungarianMatcher",),
     "model": ("DETR",),
     "postprocessing": ("detection_records", "postprocess"),
-    "precision": ("PRECISIONS", "autocast_dtype"),
+    "precision": ("autocast_dtype",),
     "preprocessing": ("ImageBatch", "collate", "preprocess", "resize_image", "resize_to", "resized_shape"),
     "weights": ("REGISTRY", "PretrainedWeights"),
 }
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors (tests/detr/t
     from .builder import build, build_criterion
     from .categories import COCO_CATEGORIES, Category
     from .checkpoint import CheckpointError, check_weights, from_pretrained, save_pretrained
-    from .config import MAX_SIZE, MIN_SIZE, DetrConfig, LossConfig
+    from .config import MAX_SIZE, MIN_SIZE, PRECISIONS, DetrConfig, LossConfig
     from .criterion import SetCriterion
     from .download import WeightsUnavailableError
     from .image_decoding import ImageDecodeError, decode_image, decode_resized
@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors (tests/detr/t
     from .matcher import HungarianMatcher
     from .model import DETR
     from .postprocessing import detection_records, postprocess
-    from .precision import PRECISIONS, autocast_dtype
+    from .precision import autocast_dtype
     from .preprocessing import ImageBatch, collate, preprocess, resize_image, resize_to, resized_shape
     from .weights import REGISTRY, PretrainedWeights
 

@@ -1,4 +1,7 @@
-"""The typed configuration of a DETR model, and its input size. Builders take it explicitly; nothing mutates it."""
+"""The typed configuration of a DETR model, its input size and precisions.
+
+Builders take it explicitly; nothing mutates it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 MIN_SIZE = 800  # DETR's evaluation scale: shortest side
 MAX_SIZE = 1333  # ... unless that makes the longest side exceed this
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of a forward pass: detr.precision says what each means
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,15 @@ import io
 import math
 import re
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import one_line
-from .preprocessing import resize_to, resized_shape
+
+if TYPE_CHECKING:
+    import torch
 
 # PIL's own default limit (~89.5 megapixels, ~256 MiB of RGB): beyond it, a small file that
 # claims huge dimensions would make a decode worker allocate gigabytes.
@@ -94,6 +96,9 @@ def decode_resized(
     Raises:
         ImageDecodeError: with a one-line ``reason``.
     """
+    # Imported here: torch loads only where images are resized, not where FORMATS or the errors are read.
+    from .preprocessing import resize_to, resized_shape
+
     image = _open(data, max_pixels)
     height, width = _upright_size(image)
     target = resized_shape(height, width, min_size, max_size)

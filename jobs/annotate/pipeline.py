@@ -21,19 +21,18 @@ Ray and its in-flight batches are retried.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import time
 import uuid
 import warnings
 from typing import TYPE_CHECKING
 
-import detr
 from coco import DETECTIONS_SCHEMA
+from detr.checkpoint import check_weights
 from detr.image_decoding import ImageDecodeError
 from jobs.annotate import ray_start
 from jobs.annotate.actor_plan import ActorPlan, plan_actors
-from jobs.annotate.decoding import prepare_images
+from jobs.annotate.decoding import decode_block
 from jobs.annotate.detector import Detector, DetectorConfig
 from jobs.annotate.done_index import Segment
 from jobs.annotate.listing import (
@@ -52,7 +51,6 @@ from jobs.cli import JobFailedError
 from storage import ReadPolicy, arrow_filesystem, redact
 
 if TYPE_CHECKING:  # Ray is imported when the job runs, so --help and argument errors stay instant
-    import pyarrow as pa
     import ray
 
 # Model batches per decode task: enough that task overhead is noise, few enough that a few
@@ -79,9 +77,6 @@ ACTOR_TASK_RETRIES = 3
 # Listing streams running at once, each in a worker of its own (~10^4 keys/s each on S3): each
 # holds a page and one index part per segment.
 LISTING_CONCURRENCY = 8
-# Decode tasks' CPU priority: the lowest. Ray starts every worker, the model actor's included, at
-# nice 15 (its worker_niceness), so anything less would not rank decoding below the model.
-DECODE_NICENESS = 19
 
 
 class BadImageError(JobFailedError):
@@ -106,7 +101,7 @@ def main(config: AnnotateConfig, *, started: float | None = None) -> Summary:
     # Check the weights here first: a missing file, failed download or wrong checkpoint is one
     # clear error now instead of dying actors later, and it fills this node's download cache.
     # Names and shapes only: the model itself is built once, in each actor.
-    _, model_name = detr.check_weights(config.weights)
+    _, model_name = check_weights(config.weights)
     output = OutputFolder(config.output)
     output.prepare()
     run_id = time.strftime("%Y%m%dT%H%M%S") + uuid.uuid4().hex[:6]
@@ -248,7 +243,7 @@ def build_dataset(
     if config.limit is not None:
         images = images.limit(config.limit)
     prepared = images.repartition(target_num_rows_per_block=block_rows).map_batches(
-        _prepare_block,
+        decode_block,
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=1,
@@ -274,31 +269,6 @@ def build_dataset(
         max_restarts=-1,
         max_task_retries=ACTOR_TASK_RETRIES,
     )
-
-
-def _prepare_block(batch: pa.Table, **settings) -> pa.Table:
-    """The decode task: :func:`prepare_images`, with the decoder isolated when Ray retries the
-    task (its worker died, maybe of a decoder crash on one of these objects)."""
-    _yield_to_the_model()
-    return prepare_images(batch, isolate_decoder=_task_attempt() > 0, **settings)
-
-
-def _yield_to_the_model() -> None:
-    """Lower this worker's CPU priority to DECODE_NICENESS: where decode tasks share cores with the
-    model's threads, the model should not wait on them (decoded images queue ahead of it anyway)."""
-    if hasattr(os, "nice") and os.nice(0) < DECODE_NICENESS:
-        os.nice(DECODE_NICENESS - os.nice(0))
-
-
-def _task_attempt() -> int:
-    """0 for a task's first run, 1 for its first retry, ... (1 where Ray no longer says: isolating
-    every block is slower but safe)."""
-    import ray
-
-    try:
-        return ray._private.worker.global_worker.core_worker.get_current_task_attempt_number()
-    except AttributeError:
-        return 1
 
 
 def _bad_image_reason(error: BaseException) -> str | None:

@@ -217,14 +217,14 @@ def test_help_lists_the_formats_and_the_size_limit(capsys):
 
 def test_task_attempt_tells_a_retry_from_a_first_run(ray_cluster, tmp_path):
     """The decode stage isolates the decoder on retries only; Ray must say which attempt is running."""
-    from jobs.annotate.pipeline import _task_attempt
+    from jobs.annotate.decoding import task_attempt
 
     @ray_cluster.remote(max_retries=1)
     def attempt_after_a_crash(marker: str) -> int:
         if not os.path.exists(marker):
             Path(marker).touch()
             os.kill(os.getpid(), 9)
-        return _task_attempt()
+        return task_attempt()
 
-    assert ray_cluster.get(ray_cluster.remote(_task_attempt).remote()) == 0
+    assert ray_cluster.get(ray_cluster.remote(task_attempt).remote()) == 0
     assert ray_cluster.get(attempt_after_a_crash.remote(str(tmp_path / "crashed-once"))) == 1

@@ -47,5 +47,48 @@ def test_a_cluster_of_the_jobs_own_starts_without_the_dashboard():
 
 
 def test_decode_workers_take_the_lowest_cpu_priority():
-    code = "import os\nfrom jobs.annotate.pipeline import _yield_to_the_model\n_yield_to_the_model()\nprint(os.nice(0))"
+    code = "import os\nfrom jobs.annotate.decoding import yield_to_the_model\nyield_to_the_model()\nprint(os.nice(0))"
     assert python(code) == "19"  # below Ray's workers' 15, the model actor's
+
+
+EXIT_OWN_CLUSTER = """
+import ray
+from jobs import cli
+from jobs.annotate.ray_start import connect
+
+connect()
+node = ray._private.worker._global_node
+pids = [info.process.pid for infos in node.all_processes.values() for info in infos]
+print(*pids)
+(monitor,) = node.all_processes["monitor"]
+cli._stop_autoscaler_monitor(ray)
+monitor.process.wait(timeout=10)  # killed at once, not asked to stop
+print(ray.get(ray.remote(lambda: "still up").remote()), flush=True)  # the cluster itself keeps running
+cli.exit_process(3)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_exit_takes_down_the_jobs_own_cluster_monitor_first():
+    """exit_process stops the autoscaler monitor before ray.shutdown() stops the GCS it would wait
+    on; the cluster still works in between, and nothing of it outlives the process."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_OWN_CLUSTER],
+        cwd=ROOT,
+        env={**os.environ, "RAY_ADDRESS": "local"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    pids, answer = done.stdout.split("\n")[:2]
+    assert answer == "still up"
+    assert "autoscaler failed" not in done.stderr
+    assert not [pid for pid in map(int, pids.split()) if _running(pid)]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +110,46 @@ def test_collate_on_cuda_normalizes_there_like_collate_on_the_host():
     assert got.pixel_values.is_cuda and got.pixel_mask.is_cuda
     torch.testing.assert_close(got.pixel_values.cpu(), expected.pixel_values, atol=1e-6, rtol=0)
     assert torch.equal(got.pixel_mask.cpu(), expected.pixel_mask)
+
+
+RESIZE_AGAINST_TORCHVISION = """
+import numpy as np, torch
+import torchvision.transforms.v2.functional as TF
+from detr.preprocessing import NATIVE_UINT8_RESIZE, resize_to
+
+rng = np.random.default_rng(0)
+shapes = [(1, 1), (1, 900), (900, 1), (480, 640), (427, 640), (2000, 3000)]
+shapes += [tuple(int(x) for x in rng.integers(1, 1300, 2)) for _ in range(30)]
+different = 0
+for i, (height, width) in enumerate(shapes):
+    image = torch.from_numpy(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).permute(2, 0, 1)
+    if i % 2:
+        image = image.contiguous()  # CHW as well as the channels-last view decoding gives
+    target = [int(x) for x in rng.integers(1, 1400, 2)] if i % 3 else [800, 1066]
+    expected = TF.resize(image, target, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    different += not torch.equal(resize_to(image, tuple(target)), expected)
+print(NATIVE_UINT8_RESIZE, different)
+"""
+
+
+@pytest.mark.parametrize("capability", ["native", "default"])
+def test_resize_gives_torchvisions_pixels_without_importing_it(capability):
+    """Same pixels as torchvision's resize (fine-tuning's), up- and downscaled, on torch's
+    vectorised uint8 kernel and on the float path of CPUs without one (forced by
+    ATEN_CPU_CAPABILITY=default); and resizing loads no torchvision."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability == "default":
+        env["ATEN_CPU_CAPABILITY"] = "default"
+    run = subprocess.run([sys.executable, "-c", RESIZE_AGAINST_TORCHVISION], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    native, different = run.stdout.split()
+    assert different == "0"
+    if capability == "default":
+        assert native == "False"
+    code = (
+        "import sys, torch; from detr.preprocessing import resize_to\n"
+        "resize_to(torch.zeros(3, 8, 8, dtype=torch.uint8), (4, 4))\n"
+        "print('torchvision' in sys.modules)"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.stdout.split() == ["False"], loaded.stderr
