@@ -151,7 +151,8 @@ def run_job(folder: Path, output: Path, weights: str, args: argparse.Namespace, 
             members = process_tree(job.pid)
             if memory:
                 peak = max(peak, tree_pss(members))
-            cpu.update(cpu_seconds(members))
+            for pid, (name, cpu_time) in cpu_seconds(members).items():  # an exited process keeps its last name
+                cpu[pid] = (name or cpu.get(pid, ("", 0.0))[0], cpu_time)
             time.sleep(0.25 if memory else 0.5)
         seconds = time.perf_counter() - launched
         log.seek(0)

@@ -5,8 +5,8 @@
 
 Modules, in the order data flows: :mod:`.settings` (the command line and its config),
 :mod:`.listing`, :mod:`.decoding`, :mod:`.actor_plan`, :mod:`.detector`, :mod:`.output`
-(resume and summary), :mod:`.render`; :mod:`.pipeline` wires them into one Ray Data stream, on
-the Ray that :mod:`.ray_start` finds or starts.
+(resume and summary), :mod:`.startup_clock`, :mod:`.render`; :mod:`.pipeline` wires them into one
+Ray Data stream, on the Ray that :mod:`.ray_start` finds or starts.
 
 Resume: every run writes files named ``annotations-<run id>-...parquet``; a re-run with the
 same OUTPUT skips every URI already present in a complete file, so killing a job and

@@ -439,3 +439,29 @@ def test_gpu_that_never_joins_fails_after_the_wait_with_one_line(ray_cluster, tm
     assert len(ours) == 1 and ours[0].startswith("annotate: error: no model actor started within --wait-for-gpus 3 s")
     assert time.monotonic() - started < 120
     assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's idle scheduling class")
+def test_the_cpu_run_drives_ray_data_below_the_model_and_the_caller_keeps_its_class():
+    """The write (and Ray Data's executor thread it starts) runs in the idle class; the caller's
+    thread stays in its own, and an error in the write reaches the caller."""
+    from jobs.annotate.pipeline import _run_below_the_model
+
+    seen = []
+
+    def work():
+        started = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))  # as the executor's
+        started.start()
+        started.join()
+        seen.append(os.sched_getscheduler(0))
+
+    before = os.sched_getscheduler(0)
+    _run_below_the_model(work)
+    assert seen == [os.SCHED_IDLE, os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) == before
+
+    def failing():
+        raise ValueError("a write that failed")
+
+    with pytest.raises(ValueError, match="a write that failed"):
+        _run_below_the_model(failing)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.annotate.ray_start import connect_while_importing
+from jobs.annotate.ray_start import OWN_CLUSTER_SYSTEM_CONFIG, connect_while_importing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,21 +34,28 @@ def python(code: str, **env: str) -> str:
     return done.stdout.strip()
 
 
-def test_a_cluster_of_the_jobs_own_starts_without_the_dashboard():
+def test_a_cluster_of_the_jobs_own_starts_without_the_dashboard_and_metrics():
     code = (
         "import ray, sys\n"
         "from jobs.annotate.ray_start import connect_while_importing\n"
         "connect_while_importing('jobs.annotate.pipeline')\n"
         "node = ray._private.worker._global_node\n"
         "print('torch' in sys.modules, ray.is_initialized(), bool(node.address_info['webui_url']))\n"
+        "print(sorted(k for k, v in node._config.items() if v in (False, 0)))\n"
     )
     # RAY_ADDRESS=local: a new cluster, not the tests' own one running on this machine
-    assert python(code, RAY_ADDRESS="local") == "True True False"
+    started, settings_off = python(code, RAY_ADDRESS="local").splitlines()
+    assert started == "True True False"
+    assert settings_off == str(sorted(OWN_CLUSTER_SYSTEM_CONFIG))  # no metrics, task events or loop stats
 
 
 def test_decode_workers_take_the_lowest_cpu_priority():
-    code = "import os\nfrom jobs.annotate.decoding import yield_to_the_model\nyield_to_the_model()\nprint(os.nice(0))"
-    assert python(code) == "19"  # below Ray's workers' 15, the model actor's
+    code = (
+        "import os\nfrom jobs.annotate.decoding import yield_to_the_model\nyield_to_the_model()\n"
+        "print(os.nice(0), os.sched_getscheduler(0) == getattr(os, 'SCHED_IDLE', None))"
+    )
+    # below Ray's workers' 15, the model actor's; on Linux, only on the cores it leaves idle
+    assert python(code) == f"19 {sys.platform.startswith('linux')}"
 
 
 EXIT_OWN_CLUSTER = """

@@ -26,11 +26,13 @@ FORBIDDEN = {
     "coco": ("torch", "torchvision", "ray", "detr", "jobs"),
     "storage": ("torch", "torchvision", "ray", "detr", "coco", "jobs"),
 }
-# The drivers, the train worker, and the decode task (it asks Ray which attempt it is).
+# The drivers, the train worker, the decode task (it asks Ray which attempt it is) and the
+# start-up clock (the cluster's key-value store).
 RAY_MODULES = {
     "jobs.annotate.decoding",
     "jobs.annotate.pipeline",
     "jobs.annotate.ray_start",
+    "jobs.annotate.startup_clock",
     "jobs.finetune.trainer",
     "jobs.finetune.worker",
 }
