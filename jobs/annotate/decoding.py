@@ -104,6 +104,12 @@ def yield_to_the_model() -> None:
     nice DECODE_NICENESS, all there is elsewhere. Decoded images queue ahead of the model anyway."""
     if hasattr(os, "nice") and os.nice(0) < DECODE_NICENESS:
         os.nice(DECODE_NICENESS - os.nice(0))
+    enter_idle_class()
+
+
+def enter_idle_class() -> None:
+    """This thread, and the threads it starts, into Linux's idle scheduling class (nothing
+    elsewhere). An unprivileged thread cannot leave it again."""
     if hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(0) != os.SCHED_IDLE:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 

@@ -36,7 +36,7 @@ from detr.checkpoint import check_weights
 from detr.image_decoding import ImageDecodeError
 from jobs.annotate import ray_start
 from jobs.annotate.actor_plan import ActorPlan, plan_actors
-from jobs.annotate.decoding import decode_block
+from jobs.annotate.decoding import decode_block, enter_idle_class
 from jobs.annotate.detector import Detector, DetectorConfig
 from jobs.annotate.done_index import Segment
 from jobs.annotate.listing import (
@@ -127,7 +127,10 @@ def main(config: AnnotateConfig, *, started: float | None = None) -> Summary:
         filesystem, path = arrow_filesystem(config.output)
         started = time.perf_counter()
         write = functools.partial(_write, annotated, config, plan, path, filesystem, run_id)
-        _run_below_the_model(write) if plan.gpus_per_actor == 0 else write()
+        if plan.gpus_per_actor == 0:
+            _run_below_the_model(write)
+        else:
+            write()
         skipped = sum(s.rows for s in segments)
         summary = output.summarize(run_id, skipped=skipped, seconds=time.perf_counter() - started)
         first_batch = clock.read()
@@ -161,7 +164,7 @@ def _run_below_the_model(work: Callable[[], None]) -> None:
     failure: list[BaseException] = []
 
     def run() -> None:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        enter_idle_class()
         try:
             work()
         except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
