@@ -16,7 +16,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn, Protocol, TypeVar
 
-from coco import CocoFormatError
 from storage import StorageError, one_line
 
 
@@ -93,11 +92,15 @@ def _stop_autoscaler_monitor(ray) -> None:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The error bases that mean "fix your input": ours, and those of the library layers, which
-    cannot import this module. The model's are included only once their module is imported
-    (scoring never imports torch; a download error comes before torch), which is also the only
-    way they can have been raised."""
-    errors: list[type[Exception]] = [UserError, StorageError, CocoFormatError]
-    for module, name in (("detr.checkpoint", "CheckpointError"), ("detr.download", "WeightsUnavailableError")):
+    cannot import this module. The model's and the COCO reader's are included only once their
+    module is imported (scoring never imports torch, annotate's command line neither torch nor
+    pandas), which is also the only way they can have been raised."""
+    errors: list[type[Exception]] = [UserError, StorageError]
+    for module, name in (
+        ("coco.annotations", "CocoFormatError"),
+        ("detr.checkpoint", "CheckpointError"),
+        ("detr.download", "WeightsUnavailableError"),
+    ):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

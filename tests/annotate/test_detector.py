@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +61,29 @@ def test_detector_reports_its_first_batch_once(tiny_checkpoint, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert len(reported) == 1 and before <= reported[0] <= after
+
+
+def test_detector_runs_the_model_on_one_thread_of_its_own(tiny_checkpoint, tmp_path):
+    """Ray constructs an actor on one thread and calls it from others; OpenMP would give each
+    caller a team of threads of its own (and libgomp, managing more threads than cores, would stop
+    spinning at barriers)."""
+    (tmp_path / "a.jpg").write_bytes(encode(Image.fromarray(scene(0)), "JPEG"))
+    prepared = prepare_images(pa.table({"uri": [f"file://{tmp_path}/a.jpg"]}), min_size=64, max_size=96)
+    threads = torch.get_num_threads()
+    detector = Detector(DetectorConfig(weights=tiny_checkpoint, cpu_threads=threads))
+    forwards: list[tuple[int, int]] = []  # (thread, torch threads) of each forward pass
+    detector.model.register_forward_pre_hook(
+        lambda module, inputs: forwards.append((threading.get_ident(), torch.get_num_threads()))
+    )
+    callers = [threading.Thread(target=detector, args=(prepared,)) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+        caller.join()
+    detector(prepared)
+
+    assert len(forwards) == 3 and len({thread for thread, _ in forwards}) == 1
+    assert forwards[0][0] not in {threading.get_ident(), *(caller.ident for caller in callers)}
+    assert {count for _, count in forwards} == {threads}
 
 
 def test_aspect_groups_keep_orientations_apart():
