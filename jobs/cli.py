@@ -93,8 +93,8 @@ def _stop_autoscaler_monitor(ray) -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     """The error bases that mean "fix your input": ours, and those of the library layers, which
     cannot import this module. The model's and the COCO reader's are included only once their
-    module is imported (scoring never imports torch, annotate's command line neither torch nor
-    pandas), which is also the only way they can have been raised."""
+    module is imported (scoring never imports torch; the command-line layer loads no job's
+    libraries before it parses), which is also the only way they can have been raised."""
     errors: list[type[Exception]] = [UserError, StorageError]
     for module, name in (
         ("coco.annotations", "CocoFormatError"),

@@ -99,8 +99,8 @@ def decode_block(batch: pa.Table, **settings) -> pa.Table:
 
 def yield_to_the_model() -> None:
     """Run this worker on the CPU time the model leaves. On Linux, in the idle scheduling class: it
-    never preempts the model's threads and runs when a core would otherwise idle (one model thread
-    waiting for the other, ~8% of the time on 2 cores), with a small share when none does; also
+    never preempts the model's threads and runs when a core would otherwise idle (between the
+    model's operators, ~2% of the time on 2 cores), with a small share when none does; also
     nice DECODE_NICENESS, all there is elsewhere. Decoded images queue ahead of the model anyway."""
     if hasattr(os, "nice") and os.nice(0) < DECODE_NICENESS:
         os.nice(DECODE_NICENESS - os.nice(0))

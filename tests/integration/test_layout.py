@@ -112,7 +112,7 @@ def test_jobs_do_not_import_each_other(job):
         # fetching weights and reading the registry need no torch: the annotate job does it before Ray starts
         ("import detr; detr.REGISTRY; from detr.download import local_path", ("torch", "ray", "jobs")),
         ("import jobs.score", ("torch", "ray", "detr")),  # scoring stays a NumPy job
-        # every job's command line starts before the libraries its job loads (pandas with coco)
+        # the command-line layer every job shares loads none of the jobs' libraries
         ("import jobs.cli", ("torch", "ray", "detr", "coco")),
         ("import jobs.annotate.listing", ("torch", "detr")),  # listing workers stay small
         # the command line is parsed and checked before torch and Ray load, side by side (ray_start)
